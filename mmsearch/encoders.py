@@ -1,0 +1,207 @@
+"""open_clip loading and encoding. Embeddings are L2-normalised float32 numpy arrays.
+
+A model is named by one of:
+- a model directory written by mmsearch (open_clip_config.json + open_clip_model.safetensors);
+- a model shipped in the package (mmsearch/models/NAME);
+- 'hf-hub:ORG/NAME' (offline from the local Hugging Face cache with HF_HUB_OFFLINE=1);
+- an open_clip zoo name or packaged config, with `pretrained` a tag, a local .safetensors/.pt
+  file, or 'random' (explicit random init, for tests and training from scratch).
+Nothing falls back to random weights silently, and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import ModelRef
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).parent
+CONFIG_DIR = PACKAGE_DIR / "model_configs"
+SHIPPED_MODELS_DIR = PACKAGE_DIR / "models"
+MODEL_CONFIG_FILE = "open_clip_config.json"
+MODEL_WEIGHTS_FILE = "open_clip_model.safetensors"
+RANDOM = "random"
+
+
+@lru_cache(maxsize=1)
+def register_packaged_configs() -> list[str]:
+    """Make mmsearch's own model shapes (tiny test and fashion configs) known to open_clip."""
+    import open_clip
+
+    open_clip.add_model_config(CONFIG_DIR)
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def shipped_model_dir(name: str) -> Path | None:
+    path = SHIPPED_MODELS_DIR / name
+    return path if (path / MODEL_CONFIG_FILE).is_file() else None
+
+
+def set_torch_threads() -> None:
+    """Use every core for intra-op work; the default can be lower inside containers."""
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+class Encoder:
+    """An open_clip model with its preprocessing and tokenizer."""
+
+    def __init__(self, model: torch.nn.Module, preprocess, tokenizer, ref: ModelRef):
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.ref = ref
+        self.dim = int(_embed_dim(model))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start : start + batch_size]))
+            chunks.append(self.model.encode_text(tokens).float())
+        return _normalise(chunks, self.dim)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Encode an already-preprocessed batch (N, 3, H, W)."""
+        return _normalise([self.model.encode_image(pixels).float()], self.dim)
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([self.preprocess(img) for img in images[start : start + batch_size]])
+            chunks.append(torch.from_numpy(self.encode_pixels(batch)))
+        return _normalise(chunks, self.dim)
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    with torch.inference_mode():
+        size = model.visual.image_size
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        return model.encode_image(torch.zeros(1, 3, *size)).shape[-1]
+
+
+def _normalise(chunks: list[torch.Tensor], dim: int) -> np.ndarray:
+    if not chunks:
+        return np.zeros((0, dim), dtype=np.float32)
+    out = torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)
+    return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+
+
+def resolve_model_name(name: str) -> str:
+    """Map a directory or shipped model name onto open_clip's 'local-dir:' schema."""
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / MODEL_CONFIG_FILE).is_file():
+            raise ModelLoadError(f"model directory {path} has no {MODEL_CONFIG_FILE}")
+        return f"local-dir:{path.resolve()}"
+    shipped = shipped_model_dir(name)
+    if shipped is not None:
+        return f"local-dir:{shipped}"
+    return name
+
+
+def canonical_ref(name: str, pretrained: str | None) -> ModelRef:
+    """Absolute paths for files and directories so the manifest works from any cwd."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        name = str(path.resolve())
+    if pretrained and pretrained != RANDOM and Path(pretrained).expanduser().is_file():
+        pretrained = str(Path(pretrained).expanduser().resolve())
+    return ModelRef(name=name, pretrained=pretrained)
+
+
+def load_encoder(name: str, pretrained: str | None = None) -> Encoder:
+    """Load a model for encoding; raise ModelLoadError with the reason instead of guessing."""
+    import open_clip
+
+    register_packaged_configs()
+    set_torch_threads()
+    ref = canonical_ref(name, pretrained)
+    model = create_model(ref)
+    preprocess = image_transform(model, is_train=False)
+    tokenizer = open_clip.get_tokenizer(resolve_model_name(ref.name))
+    return Encoder(model, preprocess, tokenizer, ref)
+
+
+def image_transform(model: torch.nn.Module, is_train: bool, aug_cfg=None):
+    """open_clip's preprocessing for this model (train adds its random-resized-crop augmentation)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=is_train, aug_cfg=aug_cfg)
+
+
+def create_model(ref: ModelRef) -> torch.nn.Module:
+    import open_clip
+
+    register_packaged_configs()
+    resolved = resolve_model_name(ref.name)
+    schema_model = resolved.startswith(("hf-hub:", "local-dir:"))
+    pretrained = ref.pretrained
+    if not schema_model:
+        if resolved not in open_clip.list_models():
+            raise ModelLoadError(f"unknown model '{ref.name}': not a model directory, shipped model, "
+                                 "hf-hub: id or open_clip model name")
+        if not pretrained:
+            raise ModelLoadError(f"model '{ref.name}' needs pretrained weights: a tag "
+                                 f"({', '.join(open_clip.list_pretrained_tags_by_model(resolved)) or 'none known'})"
+                                 ", a .safetensors/.pt file, or 'random' to train from scratch")
+        if pretrained != RANDOM and _looks_like_path(pretrained) and not Path(pretrained).is_file():
+            raise ModelLoadError(f"checkpoint file not found: {pretrained}")
+    random_init = pretrained == RANDOM
+    if random_init:
+        log.warning("model %s initialised with random weights (explicitly requested)", ref.name)
+        torch.manual_seed(0)
+    try:
+        return open_clip.create_model(
+            resolved,
+            pretrained=None if (random_init or schema_model) else pretrained,
+            require_pretrained=not random_init,
+            weights_only=True,
+        )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError/pickle errors
+        raise ModelLoadError(f"cannot load model '{ref.label()}': {_short(exc)}") from exc
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.endswith((".safetensors", ".pt", ".pth", ".bin")) or "/" in value
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def save_model_dir(model: torch.nn.Module, model_name: str, out_dir: Path, card: dict | None = None) -> Path:
+    """Write a model directory that load_encoder (and open_clip's local-dir:) can read."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    register_packaged_configs()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_cfg = open_clip.get_model_config(resolve_model_name(model_name))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": dict(model.visual.preprocess_cfg)}
+    (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = out_dir / (MODEL_WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, out_dir / MODEL_WEIGHTS_FILE)
+    if card is not None:
+        (out_dir / "model_card.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    return out_dir
