@@ -1,0 +1,238 @@
+"""Ingest: read a catalog, decode images in parallel, encode in batches, write store and FAISS.
+
+Incremental: an item is re-encoded only when its image bytes or caption changed (sha256), items
+that left the catalog are removed (unless delete=False), and bad items are skipped and reported.
+Each batch is committed to SQLite on its own, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .catalog import CatalogItem, read_catalog
+from .collection import Collection
+from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelRef
+from .encoders import Encoder, canonical_ref, load_encoder
+from .errors import ItemError, MMSearchError
+from .images import load_image
+from .index import DEFAULT_MAX_MEMORY
+from .store import ItemRecord
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class IngestOptions:
+    model: str | None = None  # None: the index's model, or the default for a new index
+    pretrained: str | None = None
+    batch_size: int = 32  # images per encoder forward pass
+    workers: int = 0  # decode threads; 0 = one per core
+    delete: bool = True  # remove items that left the catalog
+    index_type: str = "auto"
+    max_memory: int = DEFAULT_MAX_MEMORY
+    wait_for_lock: bool = False
+
+
+@dataclass
+class IngestReport:
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    failed: list[ItemError] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"added": self.added, "updated": self.updated, "removed": self.removed,
+                "unchanged": self.unchanged,
+                "failed": [{"item": e.item, "reason": e.reason} for e in self.failed]}
+
+
+@dataclass
+class _Work:
+    item: CatalogItem
+    image_hash: str | None
+    caption_hash: str | None
+    encode_image: bool
+    encode_text: bool
+    is_new: bool
+
+
+def ingest(catalog: str | Path, index_dir: Path, options: IngestOptions | None = None,
+           progress: Progress | None = None, encoder: Encoder | None = None) -> IngestReport:
+    options = options or IngestOptions()
+    progress = progress or (lambda stage, done, total: None)
+    parsed = read_catalog(catalog)
+    report = IngestReport(failed=list(parsed.failed))
+    collection, encoder = _open_or_create(index_dir, options, encoder)
+    try:
+        with collection.write_lock(wait=options.wait_for_lock):
+            _run(collection, encoder, parsed.items, options, report, progress)
+    finally:
+        collection.close()
+    return report
+
+
+def _open_or_create(index_dir: Path, options: IngestOptions, encoder: Encoder | None):
+    if (index_dir / "manifest.json").exists():
+        collection = Collection.open(index_dir)
+        built_with = collection.manifest.model
+        if options.model and canonical_ref(options.model, options.pretrained) != built_with:
+            raise MMSearchError(f"index {index_dir} was built with model {built_with.label()}; "
+                                "use a new --index for another model")
+        encoder = encoder or load_encoder(built_with.name, built_with.pretrained)
+        return collection, encoder
+    if encoder is None:
+        name = options.model or DEFAULT_MODEL
+        pretrained = options.pretrained if options.model else (options.pretrained or DEFAULT_PRETRAINED)
+        encoder = load_encoder(name, pretrained)
+    return Collection.create(index_dir, encoder.ref, encoder.dim), encoder
+
+
+def _run(collection: Collection, encoder: Encoder, items: list[CatalogItem], options: IngestOptions,
+         report: IngestReport, progress: Progress) -> None:
+    known = collection.store.fingerprints()
+    workers = options.workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        plan = _plan(items, known, pool, report, progress)
+        _encode_and_write(collection, encoder, plan, options, pool, report, progress)
+    seen = {it.key for it in items} | {e.item for e in report.failed}
+    gone = [known[key][0] for key in known if key not in seen]
+    if gone and options.delete:
+        collection.store.delete_items(gone)
+        report.removed = len(gone)
+    progress("saving index", 0, 1)
+    collection.save_faiss(options.index_type, options.max_memory)
+    progress("saving index", 1, 1)
+
+
+def _plan(items, known, pool, report, progress) -> list[_Work]:
+    """Hash every item (threads) and decide what must be encoded."""
+    plan: list[_Work] = []
+    hashes = pool.map(_hash_item, items)
+    for done, (item, result) in enumerate(zip(items, hashes), start=1):
+        progress("checking", done, len(items))
+        if isinstance(result, ItemError):
+            report.failed.append(result)
+            continue
+        image_hash, caption_hash = result
+        old = known.get(item.key)
+        if old is None:
+            plan.append(_Work(item, image_hash, caption_hash, image_hash is not None,
+                              caption_hash is not None, True))
+            continue
+        _, old_image, old_caption, stored = old
+        encode_image = image_hash != old_image or (image_hash is not None and "image" not in stored)
+        encode_text = caption_hash != old_caption or (caption_hash is not None and "text" not in stored)
+        if encode_image or encode_text:
+            plan.append(_Work(item, image_hash, caption_hash, encode_image, encode_text, False))
+        else:
+            report.unchanged += 1
+    return plan
+
+
+def _hash_item(item: CatalogItem) -> tuple[str | None, str | None] | ItemError:
+    caption_hash = hashlib.sha256(item.caption.encode("utf-8")).hexdigest() if item.caption else None
+    if item.image is None:
+        return None, caption_hash
+    try:
+        digest = hashlib.sha256()
+        with open(item.image, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        return ItemError(item.key, f"image file not found: {item.image}")
+    except OSError as exc:
+        return ItemError(item.key, f"cannot read image {item.image}: {exc.strerror or exc}")
+    return digest.hexdigest(), caption_hash
+
+
+def _encode_and_write(collection, encoder, plan, options, pool, report, progress) -> None:
+    total, done = len(plan), 0
+    progress("encoding", 0, total)
+    for size, batch, pixels in _decoded_batches(plan, encoder, options.batch_size, pool, report):
+        image_vecs = _encode_images(encoder, batch, pixels)
+        text_rows = [w for w in batch if w.encode_text]
+        text_vecs = encoder.encode_texts([w.item.caption for w in text_rows]) if text_rows else []
+        text_by_key = {w.item.key: v for w, v in zip(text_rows, text_vecs)}
+        records = [_record(w, image_vecs.get(w.item.key), text_by_key.get(w.item.key)) for w in batch]
+        if records:
+            collection.store.write_batch(records)
+        for w in batch:
+            if w.is_new:
+                report.added += 1
+            else:
+                report.updated += 1
+        done += size
+        progress("encoding", min(done, total), total)
+
+
+def _decoded_batches(plan, encoder, batch_size, pool, report) -> Iterator[tuple[int, list[_Work], tuple]]:
+    """Yield (batch, pixels) while the next batches decode in the pool (bounded look-ahead)."""
+    batches = [plan[i : i + batch_size] for i in range(0, len(plan), batch_size)]
+    pending = []
+    lookahead = 3
+
+    def submit(batch):
+        return [pool.submit(_decode, w, encoder.preprocess) if w.encode_image and w.item.image else None
+                for w in batch]
+
+    for i in range(min(lookahead, len(batches))):
+        pending.append(submit(batches[i]))
+    for i, batch in enumerate(batches):
+        futures = pending.pop(0)
+        if i + lookahead < len(batches):
+            pending.append(submit(batches[i + lookahead]))
+        kept, tensors = [], []
+        for work, future in zip(batch, futures):
+            if future is not None:
+                result = future.result()
+                if isinstance(result, ItemError):
+                    report.failed.append(result)
+                    continue
+                tensors.append((work.item.key, result))
+            kept.append(work)
+        pixels = torch.stack([t for _, t in tensors]) if tensors else None
+        yield len(batch), kept, (pixels, [k for k, _ in tensors])
+
+
+def _decode(work: _Work, preprocess) -> torch.Tensor | ItemError:
+    try:
+        return preprocess(load_image(work.item.image, work.item.key))
+    except ItemError as exc:
+        return exc
+    except Exception as exc:  # a transform failing on a strange image is an item problem, not a crash
+        return ItemError(work.item.key, f"cannot preprocess image: {exc}")
+
+
+def _encode_images(encoder: Encoder, batch, pixels_and_keys) -> dict[str, np.ndarray]:
+    pixels, keys = pixels_and_keys
+    if pixels is None:
+        return {}
+    return dict(zip(keys, encoder.encode_pixels(pixels)))
+
+
+def _record(work: _Work, image_vec, text_vec) -> ItemRecord:
+    item = work.item
+    vectors: dict[str, np.ndarray | None] = {}
+    if work.encode_image:
+        vectors["image"] = image_vec
+    if work.encode_text:
+        vectors["text"] = text_vec
+    return ItemRecord(key=item.key, image=str(item.image) if item.image else None, caption=item.caption,
+                      image_hash=work.image_hash, caption_hash=work.caption_hash, meta=item.metadata,
+                      vectors=vectors)
+
+
+def default_ref() -> ModelRef:
+    return ModelRef(DEFAULT_MODEL, DEFAULT_PRETRAINED)

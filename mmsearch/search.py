@@ -1,0 +1,323 @@
+"""The query engine: parse query parts, encode them, retrieve candidates, fuse scores, fill rows.
+
+Retrieval is two-stage. FAISS proposes the top-K' items per positive query part and per target
+modality (their union is the candidate set), then every candidate is re-scored exactly with its
+stored vectors by the chosen fusion. K' = max(fusion.candidates, 4k), i.e. 256 by default; a filter
+that leaves at most EXACT_FILTER_LIMIT items skips FAISS and scores all of them exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import fusion
+from .collection import Collection
+from .config import FusionConfig
+from .encoders import Encoder, load_encoder
+from .errors import ItemError, QueryError
+from .filters import Condition, parse_conditions
+from .images import load_image
+from .store import filter_ids
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("image", "text", "item")
+FUSIONS = ("attention", "sum")
+EXACT_FILTER_LIMIT = 20_000  # a filtered set this small is scored exactly (FAISS selectors lose recall)
+CALIBRATION_SAMPLE = 256  # random items scored per query to know what "unrelated" scores look like
+NO_MATCH_Z = 2.5  # a top hit fewer standard deviations than this above random items is "no good match"
+_WEIGHT_PREFIX = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?)\s*:(.*)$")
+
+
+@dataclass
+class QueryPart:
+    kind: str  # 'text' or 'image'
+    value: str  # the words, or an image path
+    weight: float = 1.0  # negative: push results away from this part
+
+    def label(self) -> str:
+        return f"{self.kind}:{self.value}" + ("" if self.weight == 1.0 else f" (w={self.weight:g})")
+
+
+@dataclass
+class Query:
+    parts: list[QueryPart]
+    target: str | None = None  # None: 'image' for one part, 'item' for composed queries
+    k: int = 10
+    fusion: str | None = None  # None: the index's configured strategy
+    where: list[Condition] = field(default_factory=list)
+    explain: bool = False
+    min_score: float | None = None
+
+    def resolved_target(self) -> str:
+        return self.target or ("image" if len(self.parts) == 1 else "item")
+
+    def to_dict(self) -> dict:
+        out = {"target": self.resolved_target(), "k": self.k}
+        if len(self.parts) == 1 and self.parts[0].weight == 1.0:
+            out[self.parts[0].kind] = self.parts[0].value
+        else:
+            out["parts"] = [{p.kind: p.value, "weight": p.weight} for p in self.parts]
+        if self.fusion:
+            out["fusion"] = self.fusion
+        if self.where:
+            out["where"] = [c.to_str() for c in self.where]
+        return out
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    caption: str | None
+    image: str | None
+    metadata: dict
+    explain: dict | None = None
+
+    def to_dict(self) -> dict:
+        out = {"id": self.id, "score": self.score, "caption": self.caption, "image": self.image,
+               "metadata": self.metadata}
+        if self.explain is not None:
+            out["explain"] = self.explain
+        return out
+
+
+@dataclass
+class SearchResult:
+    query: Query
+    results: list[Hit]
+    match: dict | None = None  # calibration: {"top_z": float, "no_good_match": bool}
+
+    def to_dict(self) -> dict:
+        out = {"query": self.query.to_dict(), "results": [h.to_dict() for h in self.results]}
+        if self.match is not None:
+            out["match"] = self.match
+        return out
+
+
+def parse_part(kind: str, text: str) -> QueryPart:
+    """'2:red dress' -> weight 2; '-1:striped' -> a negative part (rclip-style prefix)."""
+    match = _WEIGHT_PREFIX.match(text)
+    if match and match.group(2).strip():
+        candidate = match.group(2).strip()
+        if kind == "text" or Path(candidate).exists() or not Path(text).exists():
+            return QueryPart(kind, candidate, float(match.group(1)))
+    return QueryPart(kind, text.strip() if kind == "text" else text, 1.0)
+
+
+def build_query(texts=(), images=(), target=None, k=10, fusion_name=None, where=(), explain=False,
+                min_score=None) -> Query:
+    parts = [parse_part("text", t) for t in texts if t and t.strip()]
+    parts += [parse_part("image", str(i)) for i in images]
+    return Query(parts=parts, target=target, k=k, fusion=fusion_name, where=parse_conditions(where),
+                 explain=explain, min_score=min_score)
+
+
+def query_from_json(line: dict) -> Query:
+    """A batch line: {"text": ...} | {"image": ...} | {"parts": [...]}, plus target, k, fusion, where."""
+    if not isinstance(line, dict):
+        raise QueryError("a query line must be a JSON object")
+    parts = []
+    for raw in line.get("parts") or []:
+        if not isinstance(raw, dict) or not (("text" in raw) ^ ("image" in raw)):
+            raise QueryError(f"bad query part {raw!r}: needs exactly one of 'text' or 'image'")
+        kind = "text" if "text" in raw else "image"
+        parts.append(QueryPart(kind, str(raw[kind]), float(raw.get("weight", 1.0))))
+    for kind in ("text", "image"):
+        if line.get(kind):
+            parts.append(parse_part(kind, str(line[kind])))
+    return Query(parts=parts, target=line.get("target"), k=int(line.get("k", 10)), fusion=line.get("fusion"),
+                 where=parse_conditions(line.get("where")), explain=bool(line.get("explain", False)),
+                 min_score=line.get("min_score"))
+
+
+class Searcher:
+    """Opens an index once; `search` can then be called many times (the model loads lazily)."""
+
+    def __init__(self, index_dir: Path, encoder: Encoder | None = None):
+        self.collection = Collection.open(index_dir)
+        self._encoder = encoder
+
+    @property
+    def manifest(self):
+        return self.collection.manifest
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            ref = self.manifest.model
+            self._encoder = load_encoder(ref.name, ref.pretrained)
+        return self._encoder
+
+    def close(self) -> None:
+        self.collection.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- the pipeline -----------------------------------------------------------------------------
+    def search(self, query: Query) -> SearchResult:
+        _validate(query)
+        vectors, weights = self.encode_parts(query.parts)
+        return self.search_vectors(query, vectors, weights)
+
+    def search_vectors(self, query: Query, vectors: np.ndarray, weights: np.ndarray) -> SearchResult:
+        target = query.resolved_target()
+        strategy = query.fusion or self.manifest.fusion.strategy
+        modalities = ["image", "text"] if target == "item" else [target]
+        allowed = filter_ids(self.collection.store, query.where) if query.where else None
+        if allowed is not None and len(allowed) == 0:
+            return SearchResult(query, [])
+        candidates = self._candidates(vectors, weights, modalities, strategy, query.k, allowed)
+        scored = self._score(candidates, vectors, weights, modalities, strategy)
+        order = np.argsort(-scored.scores, kind="stable")[: query.k]
+        order = [i for i in order if np.isfinite(scored.scores[i])]
+        if query.min_score is not None:
+            order = [i for i in order if scored.scores[i] >= query.min_score]
+        hits = self._hits(candidates, scored, order, query)
+        match = self._calibrate(vectors, weights, modalities, strategy, hits)
+        return SearchResult(query, hits, match)
+
+    def encode_parts(self, parts: list[QueryPart]) -> tuple[np.ndarray, np.ndarray]:
+        texts = [p for p in parts if p.kind == "text"]
+        images = [p for p in parts if p.kind == "image"]
+        encoded: dict[int, np.ndarray] = {}
+        if texts:
+            for part, vec in zip(texts, self.encoder.encode_texts([p.value for p in texts])):
+                encoded[id(part)] = vec
+        if images:
+            try:
+                pictures = [load_image(p.value) for p in images]
+            except ItemError as exc:
+                raise QueryError(f"query image {exc.item}: {exc.reason}") from exc
+            for part, vec in zip(images, self.encoder.encode_images(pictures)):
+                encoded[id(part)] = vec
+        vectors = np.stack([encoded[id(p)] for p in parts]).astype(np.float32)
+        return vectors, np.array([p.weight for p in parts], dtype=np.float64)
+
+    def _candidates(self, vectors, weights, modalities, strategy, k, allowed) -> np.ndarray:
+        if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
+            return np.unique(allowed)
+        k_prime = max(self.manifest.fusion.candidates, 4 * k)
+        if strategy == "sum":
+            probes = fusion.sum_fuse_query(vectors, weights)[None, :]
+        else:
+            probes = vectors[weights > 0]
+        found = []
+        for modality in modalities:
+            index = self.collection.vector_index(modality)
+            if index.ntotal == 0:
+                continue
+            _, ids = index.search(probes, k_prime, allowed)
+            found.append(ids.ravel())
+        ids = np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+        return ids[ids >= 0]
+
+    def item_vectors(self, ids: np.ndarray, modalities) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 2, d) [image, caption] vectors and their presence mask, from the store."""
+        dim = self.manifest.dim
+        vecs = np.zeros((len(ids), 2, dim), dtype=np.float32)
+        mask = np.zeros((len(ids), 2), dtype=bool)
+        ids_list = [int(i) for i in ids]
+        for col, modality in enumerate(("image", "text")):
+            if modality not in modalities:
+                continue
+            stored = self.collection.store.vectors(ids_list, modality, dim)
+            for row, item_id in enumerate(ids_list):
+                vec = stored.get(item_id)
+                if vec is not None:
+                    vecs[row, col] = vec
+                    mask[row, col] = True
+        return vecs, mask
+
+    def _score(self, ids, vectors, weights, modalities, strategy) -> fusion.FusionResult:
+        item_vecs, mask = self.item_vectors(ids, modalities)
+        try:
+            if strategy == "sum":
+                return _sum_fuse(vectors, weights, item_vecs, mask)
+            return fusion.attention_fuse(vectors, weights, item_vecs, mask, fusion_params(self.manifest.fusion))
+        except ValueError as exc:
+            raise QueryError(str(exc)) from exc
+
+    def _hits(self, ids, scored, order, query: Query) -> list[Hit]:
+        rows = self.collection.store.items([int(ids[i]) for i in order])
+        labels = [p.label() for p in query.parts]
+        hits = []
+        for i in order:
+            item = rows.get(int(ids[i]))
+            if item is None:  # removed by a concurrent ingest after the candidate search
+                continue
+            detail = fusion.explain(scored, int(i), labels) if query.explain else None
+            hits.append(Hit(item.key, round(float(scored.scores[i]), 6), item.caption, item.image,
+                            dict(item.meta or {}), detail))
+        return hits
+
+    def _calibrate(self, vectors, weights, modalities, strategy, hits) -> dict | None:
+        """Compare the best score with the scores of random catalog items for the same query."""
+        if not hits:
+            return {"top_z": None, "no_good_match": True}
+        sample = np.array(self.collection.store.random_ids(CALIBRATION_SAMPLE), dtype=np.int64)
+        if len(sample) < 8:
+            return None
+        baseline = self._score(sample, vectors, weights, modalities, strategy).scores
+        baseline = baseline[np.isfinite(baseline)]
+        if len(baseline) < 8:
+            return None
+        spread = float(baseline.std()) or 1e-6
+        top_z = (hits[0].score - float(baseline.mean())) / spread
+        return {"top_z": round(top_z, 3), "no_good_match": bool(top_z < NO_MATCH_Z),
+                "random_mean": round(float(baseline.mean()), 4), "random_std": round(spread, 4)}
+
+
+def fusion_params(config: FusionConfig) -> fusion.FusionParams:
+    return fusion.FusionParams(modality_tau=config.modality_tau, part_tau=config.part_tau,
+                               image_weight=config.image_weight, text_weight=config.text_weight)
+
+
+def _sum_fuse(vectors, weights, item_vecs, mask) -> fusion.FusionResult:
+    """The peers' baseline: one summed query vector, each item scored by its best modality.
+
+    Returned in FusionResult form: the score q.v = sum_p (w_p / |sum w q|) (q_p . v) splits exactly
+    into per-part contributions, so --explain works for both strategies.
+    """
+    summed = fusion.sum_fuse_query(vectors, weights)
+    norm = float(np.linalg.norm((weights[:, None] * vectors.astype(np.float64)).sum(0)))
+    sims = np.einsum("nmd,pd->npm", item_vecs.astype(np.float64), vectors.astype(np.float64))
+    summed_sims = np.where(mask, item_vecs.astype(np.float64) @ summed.astype(np.float64), -np.inf)
+    best = summed_sims.argmax(axis=1)
+    has_any = mask.any(axis=1)
+    modality_weights = np.zeros(sims.shape)
+    modality_weights[np.arange(len(best)), :, best] = 1.0
+    modality_weights *= has_any[:, None, None]
+    part_scores = np.take_along_axis(sims, best[:, None, None].repeat(sims.shape[1], 1), axis=2)[..., 0]
+    part_weights = np.broadcast_to(weights / norm, part_scores.shape) * has_any[:, None]
+    part_scores = part_scores * has_any[:, None]
+    scores = np.where(has_any, (part_weights * part_scores).sum(1), fusion.EMPTY_SCORE)
+    similarities = np.where(mask[:, None, :], sims, np.nan)
+    return fusion.FusionResult(scores=scores, part_scores=part_scores, part_weights=part_weights,
+                               modality_weights=modality_weights, similarities=similarities)
+
+
+def _validate(query: Query) -> None:
+    if not query.parts:
+        raise QueryError("empty query: give words, --image, or --text")
+    if query.resolved_target() not in TARGETS:
+        raise QueryError(f"unknown target {query.target!r}; choose from {', '.join(TARGETS)}")
+    if query.fusion not in (None, *FUSIONS):
+        raise QueryError(f"unknown fusion {query.fusion!r}; choose from {', '.join(FUSIONS)}")
+    if query.k < 1:
+        raise QueryError("k must be at least 1")
+    if all(p.weight == 0 for p in query.parts):
+        raise QueryError("every query part has weight 0")
+
+
+def config_dict(config: FusionConfig) -> dict:
+    return asdict(config)

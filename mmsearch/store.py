@@ -1,0 +1,282 @@
+"""SQLite metadata and vector store (SQLAlchemy 2 typed models). The source of truth of an index.
+
+Vectors live here as float32 blobs beside the rows, so FAISS files are a derived cache that can be
+rebuilt at any time (crash recovery, `reindex` to another index type) without re-encoding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import JSON, ForeignKey, String, create_engine, delete, event, func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from .config import SCHEMA_VERSION, now_iso
+from .errors import SchemaError
+
+log = logging.getLogger(__name__)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "items"
+
+    id: Mapped[int] = mapped_column(primary_key=True)  # also the FAISS id
+    key: Mapped[str] = mapped_column(String, unique=True, index=True)  # the catalog's id
+    image: Mapped[str | None]  # absolute image path as ingested
+    caption: Mapped[str | None]
+    image_hash: Mapped[str | None]  # sha256 of the image bytes: re-encode only on change
+    caption_hash: Mapped[str | None]
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    updated: Mapped[str] = mapped_column(String, default=now_iso)
+
+
+class Vector(Base):
+    __tablename__ = "vectors"
+
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
+    modality: Mapped[str] = mapped_column(String, primary_key=True)  # 'image' or 'text'
+    data: Mapped[bytes]  # float32, L2-normalised
+
+
+class MetaField(Base):
+    """Names of metadata fields seen in the catalog, so filters can reject unknown ones."""
+
+    __tablename__ = "fields"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+
+
+class State(Base):
+    __tablename__ = "state"
+
+    key: Mapped[str] = mapped_column(primary_key=True)
+    value: Mapped[str]
+
+
+@dataclass
+class ItemRecord:
+    """What an ingest writes for one item: row values and freshly encoded vectors."""
+
+    key: str
+    image: str | None
+    caption: str | None
+    image_hash: str | None
+    caption_hash: str | None
+    meta: dict
+    vectors: dict[str, np.ndarray | None]  # modality -> vector; a missing key keeps the stored one
+
+
+# Schema upgrades: version N -> N+1 as a list of SQL statements (rclip-style ladder).
+UPGRADES: dict[int, list[str]] = {}
+
+
+class Store:
+    def __init__(self, path: Path, readonly: bool = False):
+        self.path = path
+        self.engine = create_engine(f"sqlite:///{path}", future=True)
+        event.listen(self.engine, "connect", _configure_connection)
+        if not readonly:
+            Base.metadata.create_all(self.engine)
+        self._check_schema(readonly)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema and state -------------------------------------------------------------------------
+    def _check_schema(self, readonly: bool) -> None:
+        version = self.get_state("schema_version")
+        if version is None:
+            if not readonly:
+                self.set_state("schema_version", str(SCHEMA_VERSION))
+            return
+        version = int(version)
+        if version > SCHEMA_VERSION:
+            raise SchemaError(f"{self.path}: store schema {version} is newer than supported ({SCHEMA_VERSION})")
+        while version < SCHEMA_VERSION and not readonly:
+            with self.engine.begin() as conn:
+                for statement in UPGRADES[version]:
+                    conn.exec_driver_sql(statement)
+            version += 1
+            self.set_state("schema_version", str(version))
+
+    def get_state(self, key: str) -> str | None:
+        with Session(self.engine) as session:
+            row = session.get(State, key)
+            return row.value if row else None
+
+    def set_state(self, key: str, value: str) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.merge(State(key=key, value=value))
+
+    def generation(self) -> int:
+        """Bumped by every committed write; FAISS files record the generation they reflect."""
+        return int(self.get_state("generation") or 0)
+
+    # -- reads --------------------------------------------------------------------------------
+    def fingerprints(self) -> dict[str, tuple[int, str | None, str | None, frozenset[str]]]:
+        """key -> (id, image_hash, caption_hash, modalities with a vector) for incremental ingest."""
+        with Session(self.engine) as session:
+            modalities: dict[int, set[str]] = {}
+            for item_id, modality in session.execute(select(Vector.item_id, Vector.modality)):
+                modalities.setdefault(item_id, set()).add(modality)
+            rows = session.execute(select(Item.id, Item.key, Item.image_hash, Item.caption_hash))
+            return {key: (i, ih, ch, frozenset(modalities.get(i, ()))) for i, key, ih, ch in rows}
+
+    def items(self, ids: Sequence[int]) -> dict[int, Item]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            found: dict[int, Item] = {}
+            for chunk in _chunks(list(ids), 900):
+                for item in session.scalars(select(Item).where(Item.id.in_(chunk))):
+                    session.expunge(item)
+                    found[item.id] = item
+            return found
+
+    def item_by_key(self, key: str) -> Item | None:
+        with Session(self.engine, expire_on_commit=False) as session:
+            item = session.scalars(select(Item).where(Item.key == key)).first()
+            if item is not None:
+                session.expunge(item)
+            return item
+
+    def vectors(self, ids: Sequence[int], modality: str, dim: int) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        with Session(self.engine) as session:
+            for chunk in _chunks(list(ids), 900):
+                stmt = select(Vector.item_id, Vector.data).where(
+                    Vector.modality == modality, Vector.item_id.in_(chunk))
+                for item_id, data in session.execute(stmt):
+                    out[item_id] = np.frombuffer(data, dtype=np.float32, count=dim)
+        return out
+
+    def iter_vectors(self, modality: str, dim: int, batch: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All vectors of one modality in id order, in batches: (ids int64, vectors float32)."""
+        last = -1
+        with Session(self.engine) as session:
+            while True:
+                stmt = (select(Vector.item_id, Vector.data)
+                        .where(Vector.modality == modality, Vector.item_id > last)
+                        .order_by(Vector.item_id).limit(batch))
+                rows = session.execute(stmt).all()
+                if not rows:
+                    return
+                ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+                vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+                last = int(ids[-1])
+                yield ids, vecs
+
+    def counts(self) -> dict[str, int]:
+        with Session(self.engine) as session:
+            items = session.scalar(select(func.count()).select_from(Item)) or 0
+            per_modality = dict(session.execute(
+                select(Vector.modality, func.count()).group_by(Vector.modality)).all())
+        return {"items": items, "images": per_modality.get("image", 0), "captions": per_modality.get("text", 0)}
+
+    def field_names(self) -> set[str]:
+        with Session(self.engine) as session:
+            return set(session.scalars(select(MetaField.name)))
+
+    def random_ids(self, n: int, seed: int = 0) -> list[int]:
+        """A deterministic sample of item ids (for score calibration and recall checks)."""
+        with Session(self.engine) as session:
+            ids = list(session.scalars(select(Item.id)))
+        if len(ids) <= n:
+            return ids
+        rng = np.random.default_rng(seed)
+        return sorted(int(i) for i in rng.choice(ids, size=n, replace=False))
+
+    # -- writes -------------------------------------------------------------------------------
+    def write_batch(self, records: Iterable[ItemRecord]) -> dict[str, int]:
+        """Insert or update items and their vectors in ONE transaction; returns key -> id."""
+        ids: dict[str, int] = {}
+        with Session(self.engine) as session, session.begin():
+            fields = set(session.scalars(select(MetaField.name)))
+            for rec in records:
+                item = session.scalars(select(Item).where(Item.key == rec.key)).first()
+                if item is None:
+                    item = Item(key=rec.key)
+                    session.add(item)
+                item.image, item.caption, item.meta = rec.image, rec.caption, rec.meta
+                item.image_hash, item.caption_hash, item.updated = rec.image_hash, rec.caption_hash, now_iso()
+                session.flush()
+                ids[rec.key] = item.id
+                for modality, vec in rec.vectors.items():
+                    session.execute(delete(Vector).where(Vector.item_id == item.id, Vector.modality == modality))
+                    if vec is not None:
+                        session.add(Vector(item_id=item.id, modality=modality,
+                                           data=np.asarray(vec, dtype=np.float32).tobytes()))
+                for name in set(rec.meta) - fields:
+                    session.add(MetaField(name=name))
+                    fields.add(name)
+            _bump_generation(session)
+        return ids
+
+    def delete_items(self, ids: Sequence[int]) -> None:
+        with Session(self.engine) as session, session.begin():
+            for chunk in _chunks(list(ids), 900):
+                session.execute(delete(Vector).where(Vector.item_id.in_(chunk)))
+                session.execute(delete(Item).where(Item.id.in_(chunk)))
+            _bump_generation(session)
+
+
+def _bump_generation(session: Session) -> None:
+    row = session.get(State, "generation")
+    value = int(row.value) + 1 if row else 1
+    session.merge(State(key="generation", value=str(value)))
+
+
+def _configure_connection(dbapi_conn, _record) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block on the writer
+    cursor.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _chunks(values: list, size: int) -> Iterator[list]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _condition_clause(cond):
+    """SQL expression for one filter; the JSON path and the value are both bound parameters."""
+    from sqlalchemy import String as Str
+    from sqlalchemy import cast
+
+    column = func.json_extract(Item.meta, "$." + _json_key(cond.field))
+    if cond.op == "~":
+        return func.instr(func.lower(cast(column, Str)), cond.value.lower()) > 0
+    if cond.op in ("=", "!="):
+        # a metadata value may be stored as text ("42") or number (42): match either form
+        variants = {cond.value, str(cond.value)}
+        clause = column.in_(sorted(variants, key=str))
+        return clause if cond.op == "=" else (~clause | column.is_(None))
+    ops = {"<": column.__lt__, ">": column.__gt__, "<=": column.__le__, ">=": column.__ge__}
+    return ops[cond.op](cond.value) & (func.json_type(Item.meta, "$." + _json_key(cond.field)).in_(["integer", "real"]))
+
+
+def _json_key(field: str) -> str:
+    return '"' + field.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def filter_ids(store: Store, conditions) -> np.ndarray:
+    """Ids of items matching every condition (AND); unknown fields are a QueryError."""
+    from .errors import QueryError
+
+    known = store.field_names()
+    for cond in conditions:
+        if cond.field not in known:
+            raise QueryError(f"unknown filter field {cond.field!r}; known fields: {', '.join(sorted(known)) or 'none'}")
+    stmt = select(Item.id)
+    for cond in conditions:
+        stmt = stmt.where(_condition_clause(cond))
+    with Session(store.engine) as session:
+        return np.fromiter(session.scalars(stmt), dtype=np.int64)
