@@ -1,0 +1,212 @@
+"""Thin click commands over the library: parse, call one library function, print."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import MMSearchError
+
+INDEX_HELP = "Index name (under ./indexes or $MMSEARCH_HOME) or a path containing '/'."
+FORMATS = click.Choice(["table", "json"])
+
+
+def _index_dir(name: str) -> Path:
+    from .config import resolve_index_dir
+
+    return resolve_index_dir(name)
+
+
+def _run(fn, *args, **kwargs):
+    """Call the library; turn its typed errors into one clear line and a non-zero exit."""
+    try:
+        return fn(*args, **kwargs)
+    except MMSearchError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+class _Bar:
+    """tqdm progress on stderr, one bar per stage; silent with -q."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.stage = None
+        self.bar = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, file=sys.stderr, unit="item", mininterval=0.2)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="mmsearch")
+def cli(verbose: int) -> None:
+    """Multimodal semantic search for product catalogs (open_clip + FAISS + SQLite)."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose == 0:
+        logging.getLogger("root").setLevel(logging.ERROR)  # open_clip logs routine info as warnings
+
+
+@cli.command("index")
+@click.argument("catalog", type=click.Path(exists=True, path_type=Path))
+@click.option("--index", "index_name", required=True, help=INDEX_HELP)
+@click.option("--model", help="open_clip name, 'hf-hub:ORG/NAME', a model directory or a shipped model "
+              "(default for a new index: ViT-B-32 laion2b_s34b_b79k; an existing index keeps its model).")
+@click.option("--pretrained", help="Weights: a tag, a local .safetensors/.pt file, or 'random' (tests only).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="Decode threads (0 = one per core).")
+@click.option("--delete/--no-delete", default=True, show_default=True,
+              help="Remove indexed items that are no longer in the catalog.")
+@click.option("--index-type", type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]), default="auto",
+              show_default=True)
+@click.option("--max-memory", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Memory budget in MiB for the automatic index choice.")
+@click.option("--wait", is_flag=True, help="Wait for another ingest on this index instead of failing.")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def index_cmd(catalog, index_name, model, pretrained, batch_size, workers, delete, index_type, max_memory,
+              wait, fmt, quiet):
+    """Encode a catalog (CSV, JSONL or a folder of images) into an index; re-run to update it.
+
+    \b
+    mmsearch index catalog.csv --index shop
+    mmsearch index photos/ --index photos --model ViT-B-32 --pretrained ./vit-b-32.safetensors
+    """
+    from .ingest import IngestOptions, ingest
+
+    options = IngestOptions(model=model, pretrained=pretrained, batch_size=batch_size, workers=workers,
+                            delete=delete, index_type=index_type, max_memory=max_memory * 1024**2,
+                            wait_for_lock=wait)
+    bar = _Bar(quiet)
+    try:
+        report = _run(ingest, catalog, _index_dir(index_name), options, progress=bar)
+    finally:
+        bar.close()
+    if fmt == "json":
+        click.echo(json.dumps(report.to_dict()))
+        return
+    click.echo(f"added {report.added}, updated {report.updated}, removed {report.removed}, "
+               f"unchanged {report.unchanged}, failed {len(report.failed)}")
+    for err in report.failed:
+        click.echo(f"  skipped {err.item}: {err.reason}", err=True)
+
+
+@cli.command("search")
+@click.argument("text", required=False)
+@click.option("--index", "index_name", required=True, help=INDEX_HELP)
+@click.option("--image", "images", multiple=True, help="Query image (repeatable; 'W:path' sets a weight).")
+@click.option("--text", "texts", multiple=True, help="More query words (repeatable; '-1:striped' = negative).")
+@click.option("--target", type=click.Choice(["image", "text", "item"]),
+              help="What to rank: item images, captions, or items by both (default: image; item for composed).")
+@click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--fusion", type=click.Choice(["attention", "sum"]), help="How query parts and modalities combine.")
+@click.option("--where", multiple=True, help="Metadata filter: FIELD=V, FIELD<N, >, <=, >=, !=, FIELD~TEXT.")
+@click.option("--min-score", type=float, help="Drop hits scoring below this.")
+@click.option("--explain", is_flag=True, help="Show each part's contribution and the image/caption attention.")
+@click.option("--queries", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Batch mode: a JSONL file of queries; prints one JSON line per query.")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def search_cmd(text, index_name, images, texts, target, k, fusion, where, min_score, explain, queries, fmt):
+    """Search an index by words, pictures, or both.
+
+    \b
+    mmsearch search "red leather ankle boot" --index shop
+    mmsearch search --image query.jpg --target text --index shop
+    mmsearch search --image dress.jpg --text red --text "-1:striped" --index shop --explain
+    mmsearch search sneaker --where category=Shoes --where "price<50" --index shop
+    """
+    from .search import Searcher, build_query
+
+    searcher = _run(Searcher, _index_dir(index_name))
+    with searcher:
+        if queries:
+            _run(_batch, searcher, queries)
+            return
+        query = _run(build_query, texts=([text] if text else []) + list(texts), images=images, target=target,
+                     k=k, fusion_name=fusion, where=where, explain=explain, min_score=min_score)
+        result = _run(searcher.search, query)
+    if fmt == "json":
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        _print_hits(result)
+
+
+def _batch(searcher, path: Path) -> None:
+    from .errors import QueryError
+    from .search import query_from_json
+
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            query = query_from_json(json.loads(line))
+            click.echo(json.dumps(searcher.search(query).to_dict()))
+        except (QueryError, ValueError) as exc:
+            click.echo(json.dumps({"line": line_no, "error": str(exc)}))
+
+
+def _print_hits(result) -> None:
+    if result.match and result.match.get("no_good_match"):
+        click.echo("note: no good match (the best score is close to what random items score)", err=True)
+    if not result.results:
+        click.echo("no results")
+        return
+    for rank, hit in enumerate(result.results, start=1):
+        label = hit.caption or ""
+        where = hit.image or ""
+        click.echo(f"{rank:>3}  {hit.score:7.4f}  {hit.id}  {label}  {where}".rstrip())
+        if hit.explain:
+            for part in hit.explain["parts"]:
+                att = part["modality_attention"]
+                click.echo(f"       {part['contribution']:+.4f} from {part['part']} "
+                           f"(image {_pct(att.get('image'))}, caption {_pct(att.get('caption'))})")
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+@cli.command("info")
+@click.option("--index", "index_name", required=True, help=INDEX_HELP)
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def info_cmd(index_name, fmt):
+    """Show what an index holds and which model built it.
+
+    \b
+    mmsearch info --index shop
+    """
+    from .info import index_info
+
+    info = _run(index_info, _index_dir(index_name))
+    if fmt == "json":
+        click.echo(json.dumps(info))
+        return
+    for key, value in info.items():
+        click.echo(f"{key:>14}: {value}")
+
+
+def main() -> None:
+    cli(prog_name="mmsearch")
+
+
+if __name__ == "__main__":
+    main()
