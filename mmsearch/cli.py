@@ -204,6 +204,58 @@ def info_cmd(index_name, fmt):
         click.echo(f"{key:>14}: {value}")
 
 
+def _parse_ks(_ctx, _param, value: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        ks = ()
+    if not ks or min(ks) < 1:
+        raise click.BadParameter(f"expected positive ranks separated by commas, like 1,5,10; got {value!r}")
+    return ks
+
+
+@cli.command("evaluate")
+@click.option("--index", "index_name", required=True, help=INDEX_HELP)
+@click.option("--relevant-by", metavar="FIELD", help="Labels from the catalog: items sharing this metadata "
+              "value (e.g. category) are relevant to each other.")
+@click.option("--qrels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help='JSONL judgements: {"query": TEXT or IMAGE, "relevant": [ids]} per line (optional "target").')
+@click.option("--karpathy", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Flickr30k / COCO Karpathy split JSON: the standard 5-captions-per-image test protocol.")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Image folder of --karpathy (matches indexed images by their path under it).")
+@click.option("-k", "--ks", default="1,5,10", show_default=True, callback=_parse_ks,
+              help="Ranks for R@K; P, mAP and nDCG are cut at the largest.")
+@click.option("--max-queries", type=click.IntRange(min=1), help="Only the first N queries of each direction.")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write Recall@K curves to this PNG.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def evaluate_cmd(index_name, relevant_by, qrels, karpathy, images_dir, ks, max_queries, fmt, plot, quiet):
+    """Measure retrieval quality (R@K, P, mAP, nDCG, MRR) of an index on labelled queries.
+
+    Ranking is exact (every stored vector is scored), for text->image and image->text.
+
+    \b
+    mmsearch evaluate --index shop --relevant-by category
+    mmsearch evaluate --index shop --qrels judged.jsonl --format json
+    mmsearch evaluate --index flickr --karpathy dataset_flickr30k.json --images flickr30k-images --plot r.png
+    """
+    from .evaluate import evaluate_index, format_table, plot_recall_curves
+
+    bar = _Bar(quiet)
+    try:
+        result = _run(evaluate_index, _index_dir(index_name), relevant_by=relevant_by, qrels=qrels,
+                      karpathy=karpathy, karpathy_images=images_dir, ks=ks, max_queries=max_queries,
+                      progress=bar)
+    finally:
+        bar.close()
+    click.echo(json.dumps(result) if fmt == "json" else format_table(result))
+    if plot:
+        _run(plot_recall_curves, result, plot)
+        if not quiet:
+            click.echo(f"wrote {plot}", err=True)
+
+
 def main() -> None:
     cli(prog_name="mmsearch")
 
