@@ -1,9 +1,10 @@
 """The query engine: parse query parts, encode them, retrieve candidates, fuse scores, fill rows.
 
 Retrieval is two-stage. FAISS proposes the top-K' items per positive query part and per target
-modality (their union is the candidate set), then every candidate is re-scored exactly with its
-stored vectors by the chosen fusion. K' = max(fusion.candidates, 4k), i.e. 256 by default; a filter
-that leaves at most EXACT_FILTER_LIMIT items skips FAISS and scores all of them exactly.
+modality, plus the top-K' of the summed positive parts (their union is the candidate set), then
+every candidate is re-scored exactly with its stored vectors by the chosen fusion.
+K' = max(fusion.candidates, 4k), i.e. 256 by default (the summed probe takes 4K'); a filter that
+leaves at most EXACT_FILTER_LIMIT items skips FAISS and scores all of them exactly.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 TARGETS = ("image", "text", "item")
 FUSIONS = ("attention", "sum")
 EXACT_FILTER_LIMIT = 20_000  # a filtered set this small is scored exactly (FAISS selectors lose recall)
-CALIBRATION_SAMPLE = 256  # random items scored per query to know what "unrelated" scores look like
-NO_MATCH_Z = 2.5  # a top hit fewer standard deviations than this above random items is "no good match"
+SUM_PROBE_DEPTH = 4  # the summed probe of a composed query fetches this many times K'
+NULL_QUERIES = 32  # unrelated queries whose best scores calibrate "no good match"
+NULL_MIX = 3  # catalog vectors averaged into one unrelated query
+NO_MATCH_Z = 2.0  # a top hit less than this many null standard deviations above the null mean: no good match
 _WEIGHT_PREFIX = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?)\s*:(.*)$")
 
 
@@ -142,6 +145,7 @@ class Searcher:
     def __init__(self, index_dir: Path, encoder: Encoder | None = None):
         self.collection = Collection.open(index_dir)
         self._encoder = encoder
+        self._null_cache: dict = {}
 
     @property
     def manifest(self):
@@ -183,7 +187,7 @@ class Searcher:
         if query.min_score is not None:
             order = [i for i in order if scored.scores[i] >= query.min_score]
         hits = self._hits(candidates, scored, order, query)
-        match = self._calibrate(vectors, weights, modalities, strategy, hits)
+        match = self._calibrate(query, vectors, modalities, hits)
         return SearchResult(query, hits, match)
 
     def encode_parts(self, parts: list[QueryPart]) -> tuple[np.ndarray, np.ndarray]:
@@ -207,10 +211,7 @@ class Searcher:
         if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
             return np.unique(allowed)
         k_prime = max(self.manifest.fusion.candidates, 4 * k)
-        if strategy == "sum":
-            probes = fusion.sum_fuse_query(vectors, weights)[None, :]
-        else:
-            probes = vectors[weights > 0]
+        probes = _probes(vectors, weights, strategy)
         found = []
         for modality in modalities:
             index = self.collection.vector_index(modality)
@@ -218,6 +219,9 @@ class Searcher:
                 continue
             _, ids = index.search(probes, k_prime, allowed)
             found.append(ids.ravel())
+            if len(probes) > 1:  # the summed probe ranks by sum, not by the soft-AND: look deeper
+                _, ids = index.search(probes[-1:], SUM_PROBE_DEPTH * k_prime, allowed)
+                found.append(ids.ravel())
         ids = np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
         return ids[ids >= 0]
 
@@ -260,21 +264,52 @@ class Searcher:
                             dict(item.meta or {}), detail))
         return hits
 
-    def _calibrate(self, vectors, weights, modalities, strategy, hits) -> dict | None:
-        """Compare the best score with the scores of random catalog items for the same query."""
+    def _calibrate(self, query: Query, vectors, modalities, hits) -> dict | None:
+        """Is the best hit better than what an unrelated query of the same kind gets?
+
+        Null queries are mixtures of NULL_MIX random catalog vectors of the query's modality (captions
+        for words, images for pictures): in-distribution, but about nothing in particular. Their best
+        scores form the null; a top hit below null mean + NO_MATCH_Z * std is "no good match".
+        Composed queries are not calibrated (None)."""
+        if len(query.parts) != 1:
+            return None
         if not hits:
-            return {"top_z": None, "no_good_match": True}
-        sample = np.array(self.collection.store.random_ids(CALIBRATION_SAMPLE), dtype=np.int64)
-        if len(sample) < 8:
+            return {"no_good_match": True, "z": None}
+        null = self._null_tops(query.parts[0].kind, tuple(modalities))
+        if null is None:
             return None
-        baseline = self._score(sample, vectors, weights, modalities, strategy).scores
-        baseline = baseline[np.isfinite(baseline)]
-        if len(baseline) < 8:
-            return None
-        spread = float(baseline.std()) or 1e-6
-        top_z = (hits[0].score - float(baseline.mean())) / spread
-        return {"top_z": round(top_z, 3), "no_good_match": bool(top_z < NO_MATCH_Z),
-                "random_mean": round(float(baseline.mean()), 4), "random_std": round(spread, 4)}
+        mean, std = float(null.mean()), float(null.std()) or 1e-6
+        z = (hits[0].score - mean) / std
+        return {"no_good_match": bool(z < NO_MATCH_Z), "z": round(z, 3), "null_top_mean": round(mean, 4),
+                "null_top_std": round(std, 4)}
+
+    def _null_tops(self, kind: str, modalities: tuple) -> np.ndarray | None:
+        key = (kind, modalities)
+        if key not in self._null_cache:
+            source = "text" if kind == "text" else "image"
+            ids = self.collection.store.random_ids(NULL_QUERIES * NULL_MIX * 4, seed=1)
+            stored = self.collection.store.vectors(ids, source, self.manifest.dim)
+            vecs = np.stack(list(stored.values())) if len(stored) >= NULL_QUERIES * NULL_MIX else None
+            if vecs is None:
+                self._null_cache[key] = None
+                return None
+            mixed = vecs[: NULL_QUERIES * NULL_MIX].reshape(NULL_QUERIES, NULL_MIX, -1).mean(axis=1)
+            mixed /= np.linalg.norm(mixed, axis=1, keepdims=True) + 1e-12
+            tops = [self.collection.vector_index(m).search(mixed, 1)[0][:, 0] for m in modalities]
+            self._null_cache[key] = np.max(np.stack(tops), axis=0)
+        return self._null_cache[key]
+
+
+def _probes(vectors: np.ndarray, weights: np.ndarray, strategy: str) -> np.ndarray:
+    """FAISS probe vectors. Attention adds the summed positive parts to the per-part probes: with a
+    soft-AND the best items match every part moderately and may sit in no single part's top-K'."""
+    if strategy == "sum":
+        return fusion.sum_fuse_query(vectors, weights)[None, :]
+    positive = weights > 0
+    probes = [vectors[positive]]
+    if positive.sum() > 1:
+        probes.append(fusion.sum_fuse_query(vectors[positive], weights[positive])[None, :])
+    return np.concatenate(probes).astype(np.float32)
 
 
 def fusion_params(config: FusionConfig) -> fusion.FusionParams:
