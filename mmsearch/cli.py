@@ -256,6 +256,57 @@ def evaluate_cmd(index_name, relevant_by, qrels, karpathy, images_dir, ks, max_q
             click.echo(f"wrote {plot}", err=True)
 
 
+@cli.command("serve")
+@click.option("--index", "index_name", required=True, help=INDEX_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on; 0.0.0.0 exposes the server to your network.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+def serve_cmd(index_name, host, port):
+    """Serve the HTTP API and the search web page for one index.
+
+    \b
+    mmsearch serve --index shop              # http://127.0.0.1:8000, API docs at /docs
+    mmsearch serve --index shop --host 0.0.0.0 --port 9000
+    """
+    try:  # optional dependencies: only the server needs them
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as exc:
+        raise click.ClickException(f"the server needs the 'server' extra ({exc.name} is missing): "
+                                   "pip install 'mmsearch[server]'") from exc
+    app = _run(create_app, _index_dir(index_name))  # loads the model and index before listening
+    click.echo(f"mmsearch: serving {index_name} at http://{host}:{port} (API docs: /docs)", err=True)
+    uvicorn.run(app, host=host, port=port)
+
+
+@cli.command("tune")
+@click.option("--index", "index_name", required=True, help=INDEX_HELP)
+@click.option("--queries", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help='JSONL of labelled queries: batch-query lines plus "relevant": [ids].')
+@click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Fit for hit rate at k.")
+@click.option("--dry-run", is_flag=True, help="Report the fitted values without saving them.")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def tune_cmd(index_name, queries, k, dry_run, fmt):
+    """Fit fusion temperatures and modality weights on labelled queries; save them in the index.
+
+    \b
+    mmsearch tune --index shop --queries composed.jsonl
+    """
+    from .tune import tune_index
+
+    report = _run(tune_index, _index_dir(index_name), queries, k=k, save=not dry_run)
+    if fmt == "json":
+        click.echo(json.dumps(report))
+        return
+    params = report["attention"]["params"]
+    click.echo(f"{report['queries']} queries; R@{k}: attention {report['attention'][f'R@{k}']:.4f} "
+               f"(before tuning {report['before'][f'R@{k}']:.4f}), sum {report['sum'][f'R@{k}']:.4f}")
+    click.echo(f"fitted: modality_tau={params['modality_tau']} part_tau={params['part_tau']} "
+               f"image_weight={params['image_weight']} text_weight={params['text_weight']}; "
+               f"default fusion: {report['chosen']}" + (" (not saved)" if dry_run else " (saved)"))
+
+
 def main() -> None:
     cli(prog_name="mmsearch")
 
