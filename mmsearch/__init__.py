@@ -1,0 +1,32 @@
+"""mmsearch: multimodal semantic search for product catalogs (open_clip + FAISS + SQLite).
+
+The public API is imported lazily so that `mmsearch --help` and cold CLI queries stay fast.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ingest": "mmsearch.ingest",
+    "IngestOptions": "mmsearch.ingest",
+    "IngestReport": "mmsearch.ingest",
+    "Searcher": "mmsearch.search",
+    "Query": "mmsearch.search",
+    "QueryPart": "mmsearch.search",
+    "SearchResult": "mmsearch.search",
+    "build_query": "mmsearch.search",
+    "load_encoder": "mmsearch.encoders",
+    "Encoder": "mmsearch.encoders",
+    "index_info": "mmsearch.info",
+    "read_catalog": "mmsearch.catalog",
+    "MMSearchError": "mmsearch.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mmsearch' has no attribute {name!r}")

@@ -247,3 +247,18 @@ def test_vectors_are_normalised(index):
         blobs = [r[0] for r in conn.execute("SELECT data FROM vectors")]
     norms = np.linalg.norm(np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1), axis=1)
     assert np.allclose(norms, 1.0, atol=1e-5)
+
+
+def test_python_api(index, catalog_dir):
+    import mmsearch
+
+    path, _ = index
+    with mmsearch.Searcher(path) as searcher:
+        result = searcher.search(mmsearch.build_query(images=[catalog_dir / "images/dress-yellow.png"], k=3))
+        assert result.results[0].id == "dress-yellow"
+        purple = catalog_dir / "images/dress-purple.png"
+        composed = searcher.search(mmsearch.build_query(texts=["yellow"], images=[purple], explain=True,
+                                                        where=["category=Dresses"]))
+        assert {h.id for h in composed.results} == {"dress-yellow", "dress-purple"}
+        assert all(h.explain is not None for h in composed.results)
+    assert mmsearch.index_info(path)["items"] == 9
