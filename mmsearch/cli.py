@@ -307,6 +307,89 @@ def tune_cmd(index_name, queries, k, dry_run, fmt):
                f"default fusion: {report['chosen']}" + (" (not saved)" if dry_run else " (saved)"))
 
 
+@cli.command("train")
+@click.argument("catalog", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output model directory (loadable with --model DIR).")
+@click.option("--model", default="mmsearch-fashion-tiny", show_default=True,
+              help="Start from any model `index` can load, or a packaged config (from scratch).")
+@click.option("--pretrained", help="Weights for --model (tag or file); omit to train a packaged config from scratch.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Stop after this many epochs.")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), help="Stop after this much training time.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.05, show_default=True)
+@click.option("--freeze", type=click.Choice(["image", "text"]), help="Freeze a whole tower.")
+@click.option("--train-last-blocks", type=click.IntRange(min=0), help="Train only the last N blocks of each tower.")
+@click.option("--group-column", help="Metadata column naming the product: its variants become image-image positives.")
+@click.option("--no-augment", is_flag=True, help="No image augmentation.")
+@click.option("--no-caption-templates", is_flag=True, help="No caption paraphrasing.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def train_cmd(catalog, out, model, pretrained, epochs, minutes, batch_size, lr, warmup_steps, val_fraction, freeze,
+              train_last_blocks, group_column, no_augment, no_caption_templates, seed, resume, fmt, quiet):
+    """Fine-tune (or train from scratch) on a catalog's image-caption pairs with a contrastive loss.
+
+    \b
+    mmsearch train catalog.csv --model ViT-B-32 --pretrained laion2b_s34b_b79k --out models/shop-ft --epochs 3
+    mmsearch train catalog.csv --model mmsearch-fashion-tiny --out models/fm --minutes 10
+    mmsearch index catalog.csv --index shop --model models/fm
+    """
+    from .train import TrainOptions, train
+
+    if epochs is None and minutes is None:
+        raise click.UsageError("give --epochs or --minutes (or both)")
+    options = TrainOptions(model=model, pretrained=pretrained, epochs=epochs, minutes=minutes, batch_size=batch_size,
+                           lr=lr, warmup_steps=warmup_steps, val_fraction=val_fraction, freeze=freeze,
+                           train_last_blocks=train_last_blocks, group_column=group_column, augment=not no_augment,
+                           caption_templates=not no_caption_templates, seed=seed, resume=resume)
+    bar = _TrainBar(quiet)
+    try:
+        report = _run(train, catalog, out, options, progress=bar)
+    finally:
+        bar.close()
+    if fmt == "json":
+        click.echo(json.dumps(report, default=str))
+        return
+    click.echo(f"model written to {out}")
+    for key in ("steps", "epochs", "minutes", "final_loss"):
+        if key in report:
+            click.echo(f"{key:>12}: {report[key]}")
+    for key, value in (report.get("val") or {}).items():
+        click.echo(f"{key:>12}: {value}")
+
+
+class _TrainBar:
+    """One tqdm bar over training steps showing the loss; silent with -q."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+
+    def __call__(self, event: dict) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if event.get("event") == "validation":
+            metrics = ", ".join(f"{k} {v:.3f}" for k, v in (event.get("val") or {}).items() if isinstance(v, float))
+            tqdm.write(f"step {event['step']}: validation {metrics}", file=sys.stderr)
+            return
+        if event.get("event") != "step":
+            return
+        if self.bar is None:
+            self.bar = tqdm(desc="training", unit="step", file=sys.stderr, total=event.get("total_steps"))
+        self.bar.update(event["step"] - self.bar.n)
+        self.bar.set_postfix({"loss": f"{event['loss']:.4f}", "epoch": f"{event['epoch']:.2f}"}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def main() -> None:
     cli(prog_name="mmsearch")
 
