@@ -262,3 +262,20 @@ def test_python_api(index, catalog_dir):
         assert {h.id for h in composed.results} == {"dress-yellow", "dress-purple"}
         assert all(h.explain is not None for h in composed.results)
     assert mmsearch.index_info(path)["items"] == 9
+
+
+def test_train_then_index_with_the_trained_model(tmp_path, catalog_dir):
+    out = tmp_path / "model"
+    result = run("train", catalog_dir / "catalog.csv", "--model", "mmsearch-tiny", "--out", out, "--epochs", "1",
+                 "--batch-size", "4", "--warmup-steps", "1", "-q", "--format", "json")
+    report = json.loads(result.stdout)
+    assert report["steps"] == 2 and (out / "model_card.json").is_file()
+    index = tmp_path / "idx"
+    run("index", catalog_dir / "catalog.csv", "--index", index, "--model", out, "-q")
+    info = json.loads(run("info", "--index", index, "--format", "json").stdout)
+    assert info["model"] == str(out.resolve()) and info["items"] == 9
+
+
+def test_train_needs_a_stopping_rule(tmp_path, catalog_dir):
+    result = run("train", catalog_dir / "catalog.csv", "--out", tmp_path / "m", ok=False)
+    assert result.exit_code == 2 and "give --epochs or --minutes" in result.output
