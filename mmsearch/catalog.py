@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -69,22 +70,45 @@ def _read_csv(path: Path) -> Iterator[CatalogItem | ItemError]:
         text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
     except OSError as exc:
         raise CatalogError(f"cannot read catalog {path}: {exc}") from exc
-    reader = csv.reader(text.splitlines())
-    header = next(reader, None)
+    # newline="" keeps newlines inside quoted fields; strict turns bad quoting into per-row errors
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header = _csv_header(path, reader)
+    while True:
+        first_line = reader.line_num + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # an oversized field or an unterminated quote: report, read on
+            lines = f"row {first_line}" if reader.line_num <= first_line else f"rows {first_line}-{reader.line_num}"
+            yield ItemError(f"{path.name} {lines}", f"bad CSV: {exc}")
+            continue
+        yield from _csv_row(path, header, values, first_line)
+
+
+def _csv_header(path: Path, reader) -> list[str]:
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        raise CatalogError(f"{path}: bad CSV header: {exc}") from exc
     if not header:
         raise CatalogError(f"{path}: empty CSV (no header row)")
     header = [h.strip() for h in header]
+    if any(_has_bad_bytes(h) for h in header):
+        raise CatalogError(f"{path}: the header row is not valid UTF-8")
     _check_header(path, header)
-    for line_no, values in enumerate(reader, start=2):
-        source = f"{path.name} row {line_no}"
-        if not any(v.strip() for v in values):
-            continue
-        if len(values) != len(header):
-            yield ItemError(source, f"row has {len(values)} fields, header has {len(header)}")
-            continue
-        if any(_has_bad_bytes(v) for v in values):
-            yield ItemError(source, "not valid UTF-8 (bad encoding)")
-            continue
+    return header
+
+
+def _csv_row(path: Path, header: list[str], values: list[str], line_no: int) -> Iterator[CatalogItem | ItemError]:
+    source = f"{path.name} row {line_no}"
+    if not any(v.strip() for v in values):
+        return
+    if len(values) != len(header):
+        yield ItemError(source, f"row has {len(values)} fields, header has {len(header)}")
+    elif any(_has_bad_bytes(v) for v in values):
+        yield ItemError(source, "not valid UTF-8 (bad encoding)")
+    else:
         record = {k: _parse_scalar(v) for k, v in zip(header, values)}
         yield _make_item(record, path.parent, line_no, source)
 
@@ -106,8 +130,14 @@ def _read_jsonl(path: Path) -> Iterator[CatalogItem | ItemError]:
         except ValueError as exc:
             yield ItemError(source, f"invalid JSON: {exc}")
             continue
+        except RecursionError:
+            yield ItemError(source, "invalid JSON: nested too deeply")
+            continue
         if not isinstance(record, dict):
             yield ItemError(source, "a JSONL line must be an object")
+            continue
+        if _has_surrogates(record):  # "\ud800" escapes decode to text SQLite cannot store
+            yield ItemError(source, "not valid Unicode (a lone surrogate escape)")
             continue
         yield _make_item(record, path.parent, line_no, source)
 
@@ -115,6 +145,9 @@ def _read_jsonl(path: Path) -> Iterator[CatalogItem | ItemError]:
 def _read_folder(root: Path) -> Iterator[CatalogItem | ItemError]:
     for image in _walk_images(root):
         key = image.relative_to(root).as_posix()
+        if _has_bad_bytes(key):  # a file name in another encoding: the key could not be stored as text
+            yield ItemError(ascii(key), "file name is not valid UTF-8")
+            continue
         sidecar = image.with_suffix(".txt")
         caption = None
         if sidecar.is_file():
@@ -150,6 +183,9 @@ def _check_header(path: Path, header: list[str]) -> None:
 
 
 def _make_item(record: dict, base: Path, row_no: int, source: str) -> CatalogItem | ItemError:
+    problem = _bad_reserved_value(record)
+    if problem:
+        return ItemError(source, problem)
     image_value = record.get("image")
     caption = next((record[c] for c in CAPTION_COLUMNS if record.get(c) not in (None, "")), None)
     image = None
@@ -171,6 +207,19 @@ def _make_item(record: dict, base: Path, row_no: int, source: str) -> CatalogIte
     metadata = {k: _clean_value(v) for k, v in record.items() if k not in RESERVED_COLUMNS and k}
     return CatalogItem(key=key, image=image.absolute() if image else None, caption=caption,
                        metadata=metadata, source=source)
+
+
+def _bad_reserved_value(record: dict) -> str | None:
+    """Why the id or image value cannot be used, or None."""
+    raw_key = record.get("id")
+    if isinstance(raw_key, (dict, list)):
+        return "id must be text or a number"
+    image_value = record.get("image")
+    if isinstance(image_value, (dict, list, bool)):
+        return "image must be a path"
+    if image_value is not None and "\0" in str(image_value):
+        return "image path contains a NUL character"
+    return None
 
 
 def _clip_caption(caption: str | None) -> str | None:
@@ -202,7 +251,21 @@ def _parse_scalar(value: str):
 
 
 def _clean_value(value):
-    """NaN and infinities are not JSON; store them as null."""
+    """NaN and infinities are not JSON (SQLite's JSON functions reject them); store them as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {str(k): _clean_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean_value(v) for v in value]
     return value
+
+
+def _has_surrogates(value) -> bool:
+    if isinstance(value, str):
+        return _has_bad_bytes(value)
+    if isinstance(value, dict):
+        return any(_has_surrogates(k) or _has_surrogates(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogates(v) for v in value)
+    return False

@@ -1,12 +1,19 @@
 """One index folder: manifest + SQLite store (source of truth) + FAISS files derived from it.
 
-Commit protocol (crash safety):
+Commit protocol (crash safety; tests/crash_harness.py kills real runs at every step of it):
+0. `create` makes the store first and writes manifest.json last: a folder without a manifest is
+   "no index" to readers and is simply created again by the next run;
 1. every ingest batch is one SQLite transaction (rows + vectors) that bumps the store generation;
 2. FAISS files are written under new names (temp file, fsync, rename), then `faiss.json` is
-   atomically replaced to point at them with the generation they reflect, then old files go;
+   atomically replaced to point at them with the generation they reflect, then the manifest, then
+   old files go;
 3. on open, FAISS files whose generation differs from the store's are stale: a reader uses them
    while a writer holds the lock (it sees the last finished snapshot; rows come from SQLite), and
-   otherwise (a killed run) the indexes are rebuilt from the stored vectors - never re-encoded.
+   otherwise (a killed run) the indexes are rebuilt in memory from the stored vectors - never
+   re-encoded. A file that is missing or unreadable is rebuilt the same way;
+4. a writer, on taking the lock, repairs what a killed writer left: it deletes temp files and FAISS
+   files that faiss.json does not name, and republishes stale FAISS files from the store. Readers
+   during the new run therefore see every batch the killed run had committed.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +31,12 @@ import numpy as np
 from .config import DB_NAME, LOCK_NAME, MODALITIES, IndexParams, Manifest, ModelRef, write_json_atomic
 from .errors import IndexLockedError, IndexNotFoundError, MMSearchError
 from .index import DEFAULT_MAX_MEMORY, VectorIndex, choose_index_type
-from .store import Store
+from .store import Store, fault_point
 
 log = logging.getLogger(__name__)
 
 FAISS_STATE = "faiss.json"
+FAISS_SUFFIX = ".faiss"
 
 
 class Collection:
@@ -37,6 +45,8 @@ class Collection:
         self.manifest = manifest
         self.store = store
         self._indexes: dict[str, VectorIndex] = {}
+        self._index_generation: dict[str, int] = {}  # the store generation each in-memory index reflects
+        self._locked = False  # this object holds the write lock
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -51,11 +61,19 @@ class Collection:
 
     @classmethod
     def create(cls, index_dir: Path, model: ModelRef, dim: int) -> Collection:
+        """Store first, manifest last (step 0): a run killed in between leaves a folder that the next
+        run creates again, because the store it finds is still empty."""
         try:
             index_dir.mkdir(parents=True, exist_ok=True)
-            manifest = Manifest(model=model, dim=dim)
             store = Store(index_dir / DB_NAME)
+            fault_point("store-created")
+            if store.generation():
+                store.close()
+                raise MMSearchError(f"{index_dir} holds indexed items but no manifest.json; restore the "
+                                    "manifest or use a new --index")
+            manifest = Manifest(model=model, dim=dim)
             manifest.save(index_dir)
+            fault_point("manifest-written")
         except OSError as exc:
             raise MMSearchError(f"cannot create index at {index_dir}: {exc.strerror or exc}") from exc
         return cls(index_dir, manifest, store)
@@ -69,8 +87,10 @@ class Collection:
 
     # -- locking ----------------------------------------------------------------------------------
     @contextmanager
-    def write_lock(self, wait: bool = False):
-        """One writer per index; a second one fails at once (or waits with wait=True)."""
+    def write_lock(self, wait: bool = False, repair: bool = True):
+        """One writer per index; a second one fails at once (or waits with wait=True).
+
+        Holding the lock, the writer first repairs what a killed writer may have left (step 4)."""
         path = self.dir / LOCK_NAME
         try:
             fh = open(path, "a+")
@@ -83,26 +103,37 @@ class Collection:
                 fh.seek(0)
                 holder = fh.read().strip() or "another process"
                 raise IndexLockedError(f"index {self.dir} is being written by {holder}; "
-                                       "wait for it to finish") from exc
+                                       "wait for it to finish (or use --wait)") from exc
             fh.seek(0)
             fh.truncate()
             fh.write(f"pid {os.getpid()}")
             fh.flush()
+            self._locked = True
+            if repair:
+                self.repair()
             yield
         finally:
+            self._locked = False
             fh.close()
 
     def writer_active(self) -> bool:
+        """Another process (or another Collection object) holds the write lock."""
         path = self.dir / LOCK_NAME
-        if not path.exists():
+        try:
+            fh = open(path)
+        except OSError:
             return False
-        with open(path) as fh:
+        with fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 return True
             fcntl.flock(fh, fcntl.LOCK_UN)
         return False
+
+    def _other_writer(self) -> bool:
+        # flock conflicts between two open files of one process too: our own lock is not "a writer"
+        return not self._locked and self.writer_active()
 
     # -- FAISS ------------------------------------------------------------------------------------
     def faiss_state(self) -> dict:
@@ -120,16 +151,36 @@ class Collection:
         return self._indexes[modality]
 
     def _load_or_rebuild(self, modality: str) -> VectorIndex:
-        state = self.faiss_state()
-        fresh = state.get("generation") == self.store.generation()
-        filename = state.get("files", {}).get(modality)
-        if filename and (fresh or self.writer_active()) and (self.dir / filename).is_file():
-            params = state.get("params", {}).get(modality) or asdict(self.manifest.index)
-            return VectorIndex.load(self.dir / filename, IndexParams(**params))
+        # Twice: a writer may publish and delete the files named by the faiss.json we just read.
+        for _ in range(2):
+            state = self.faiss_state()
+            generation = self.store.generation()
+            filename = state.get("files", {}).get(modality)
+            fresh = state.get("generation") == generation
+            if not filename or not (fresh or self._other_writer()):
+                break
+            index = self._try_load(filename, modality, state, check_count=fresh)
+            if index is not None:
+                self._index_generation[modality] = state["generation"]
+                return index
         if state or self.store.generation():
-            log.warning("FAISS files of %s are stale (an interrupted run?): rebuilding %s vectors from the store",
-                        self.dir, modality)
+            log.warning("FAISS files of %s are stale or unreadable (an interrupted run?): rebuilding %s "
+                        "vectors from the store", self.dir, modality)
         return self.rebuild(modality, self.manifest.index.index_type)
+
+    def _try_load(self, filename: str, modality: str, state: dict, check_count: bool) -> VectorIndex | None:
+        """The published file, or None when it is gone, unreadable or does not match the store."""
+        try:
+            index = VectorIndex.load(self.dir / filename, _params(state.get("params", {}).get(modality),
+                                                                  self.manifest.index))
+        except (RuntimeError, OSError) as exc:  # faiss reports a missing or corrupt file as RuntimeError
+            log.info("cannot load %s: %s", filename, str(exc).splitlines()[0] if str(exc) else exc)
+            return None
+        if index.index.d != self.dim:
+            return None
+        if check_count and index.ntotal != self.store.counts()[_COUNT_KEY[modality]]:
+            return None
+        return index
 
     def all_vectors(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
         parts = list(self.store.iter_vectors(modality, self.dim))
@@ -138,33 +189,110 @@ class Collection:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def rebuild(self, modality: str, index_type: str, max_memory: int = DEFAULT_MAX_MEMORY) -> VectorIndex:
+        generation = self.store.generation()
         ids, vectors = self.all_vectors(modality)
         if len(ids) == 0:
             index = VectorIndex.empty(self.dim)
         else:
             index = VectorIndex.build(self.dim, ids, vectors, index_type, max_memory)
-        self._indexes[modality] = index
+        self.adopt(modality, index, generation)
         return index
 
+    def adopt(self, modality: str, index: VectorIndex, generation: int) -> None:
+        """Use `index` as this modality's FAISS index, holding exactly the store's vectors of `generation`.
+
+        An updater that adds a batch's vectors in memory calls this after the batch's commit, so that
+        save_faiss publishes the index instead of rebuilding it; an index whose generation lags the
+        store is never published (it would lack committed vectors)."""
+        self._indexes[modality] = index
+        self._index_generation[modality] = generation
+
+    def repair(self) -> bool:
+        """Writer only: delete leftovers of killed writers and republish stale FAISS files (step 4).
+
+        Returns whether FAISS files were republished."""
+        self._sweep()
+        state = self.faiss_state()
+        files = state.get("files", {})
+        intact = all(files.get(m) and (self.dir / files[m]).is_file() for m in MODALITIES)
+        if intact and state.get("generation") == self.store.generation():
+            return False
+        if state or self.store.generation():  # not merely a new index
+            log.warning("repairing %s: FAISS files do not reflect the store (an interrupted run?)", self.dir)
+        self.save_faiss(self.manifest.index.requested)
+        return True
+
     def save_faiss(self, index_type: str = "auto", max_memory: int = DEFAULT_MAX_MEMORY) -> None:
-        """Bring FAISS files up to the store's generation and publish them atomically."""
+        """Bring FAISS files up to the store's generation and publish them atomically (step 2).
+
+        A failure to write (disk full, read-only folder) is one MMSearchError; faiss.json keeps naming
+        the previous files, which stay intact, and SQLite keeps every committed batch."""
         generation = self.store.generation()
         counts = self.store.counts()
         wanted = index_type if index_type != "auto" else choose_index_type(counts["items"], self.dim, max_memory)
+        old = set(self.faiss_state().get("files", {}).values())
+        try:
+            files, params = self._write_files(generation, wanted, index_type, max_memory)
+            write_json_atomic(self.dir / FAISS_STATE, {"generation": generation, "files": files, "params": params})
+            fault_point("faiss-json-written")
+            main = "image" if counts["images"] else "text"
+            self.manifest.index = IndexParams(**params[main])
+            self.manifest.save(self.dir)
+        except (OSError, RuntimeError) as exc:
+            self._discard_unpublished()
+            raise MMSearchError(f"cannot write index files in {self.dir}: {_reason(exc)}; the index keeps "
+                                "its previous FAISS files and every committed item") from exc
+        fault_point("index-published")
+        for name in old - set(files.values()):
+            (self.dir / name).unlink(missing_ok=True)
+
+    def _write_files(self, generation: int, wanted: str, index_type: str, max_memory: int):
         files, params = {}, {}
         for modality in MODALITIES:
             index = self._indexes.get(modality)
-            if index is None or index.params.index_type != wanted:
+            current = self._index_generation.get(modality) == generation
+            if index is None or not current or index.params.index_type != wanted:
                 index = self.rebuild(modality, wanted, max_memory)
-            filename = f"{modality}-{generation}.faiss"
+            filename = f"{modality}-{generation}{FAISS_SUFFIX}"
             index.save(self.dir / filename)
+            fault_point("faiss-file-written")
             files[modality] = filename
             index.params.requested = index_type
             params[modality] = asdict(index.params)
-        main = "image" if counts["images"] else "text"
-        self.manifest.index = IndexParams(**params[main])
-        self.manifest.save(self.dir)
-        old = self.faiss_state().get("files", {}).values()
-        write_json_atomic(self.dir / FAISS_STATE, {"generation": generation, "files": files, "params": params})
-        for name in set(old) - set(files.values()):
-            (self.dir / name).unlink(missing_ok=True)
+        return files, params
+
+    def _sweep(self) -> None:
+        """Delete temp files and FAISS files that faiss.json does not name (left by killed writers)."""
+        keep = set(self.faiss_state().get("files", {}).values())
+        for path in self.dir.iterdir():
+            name = path.name
+            if (name.startswith(".") and name.endswith(".tmp")) or (name.endswith(FAISS_SUFFIX) and name not in keep):
+                try:
+                    path.unlink()
+                except OSError as exc:  # a read-only folder: the write that follows reports it
+                    log.info("cannot remove %s: %s", path, exc)
+
+    def _discard_unpublished(self) -> None:
+        try:
+            self._sweep()
+        except OSError:
+            pass
+
+
+_COUNT_KEY = {"image": "images", "text": "captions"}
+
+
+def _params(stored: dict | None, fallback: IndexParams) -> IndexParams:
+    """IndexParams from faiss.json, ignoring keys another mmsearch version may have added."""
+    if not stored:
+        return IndexParams(**asdict(fallback))
+    known = {f.name for f in fields(IndexParams)}
+    return IndexParams(**{k: v for k, v in stored.items() if k in known})
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: OSError's strerror, or the last line of faiss's multi-line C++ message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -23,7 +23,7 @@ from .collection import Collection
 from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelRef
 from .encoders import Encoder, canonical_ref, load_encoder
 from .errors import ItemError, MMSearchError
-from .images import load_image
+from .images import load_image, open_image_file
 from .index import DEFAULT_MAX_MEMORY
 from .store import ItemRecord
 
@@ -147,11 +147,11 @@ def _hash_item(item: CatalogItem) -> tuple[str | None, str | None] | ItemError:
         return None, caption_hash
     try:
         digest = hashlib.sha256()
-        with open(item.image, "rb") as fh:
+        with open_image_file(item.image, item.key) as fh:  # regular files only: a FIFO would hang
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
-    except FileNotFoundError:
-        return ItemError(item.key, f"image file not found: {item.image}")
+    except ItemError as exc:
+        return exc
     except OSError as exc:
         return ItemError(item.key, f"cannot read image {item.image}: {exc.strerror or exc}")
     return digest.hexdigest(), caption_hash
@@ -162,7 +162,7 @@ def _encode_and_write(collection, encoder, plan, options, pool, report, progress
     progress("encoding", 0, total)
     for size, batch, pixels in _decoded_batches(plan, encoder, options.batch_size, pool, report):
         image_vecs = _encode_images(encoder, batch, pixels)
-        text_rows = [w for w in batch if w.encode_text]
+        text_rows = [w for w in batch if w.encode_text and w.item.caption]  # a removed caption: no vector
         text_vecs = encoder.encode_texts([w.item.caption for w in text_rows]) if text_rows else []
         text_by_key = {w.item.key: v for w, v in zip(text_rows, text_vecs)}
         records = [_record(w, image_vecs.get(w.item.key), text_by_key.get(w.item.key)) for w in batch]

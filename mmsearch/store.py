@@ -7,18 +7,56 @@ rebuilt at any time (crash recovery, `reindex` to another index type) without re
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import JSON, ForeignKey, String, create_engine, delete, event, func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .config import SCHEMA_VERSION, now_iso
-from .errors import SchemaError
+from .errors import MMSearchError, SchemaError
 
 log = logging.getLogger(__name__)
+
+FAULT_ENV = "MMSEARCH_FAULT_AT"
+_fault_calls = 0
+
+
+def fault_point(name: str) -> None:
+    """Crash-test hook (tests/crash_harness.py): with MMSEARCH_FAULT_AT=N set, the Nth named point this
+    process reaches kills it with SIGKILL, exactly like `kill -9` at that step of the commit protocol.
+
+    Points: store-created, manifest-written (Collection.create), batch-committed, items-deleted (here),
+    faiss-file-written (per modality), faiss-json-written, index-published (Collection.save_faiss).
+    Unset - always, outside the harness - it costs one environment lookup per call."""
+    global _fault_calls
+    target = os.environ.get(FAULT_ENV)
+    if not target:
+        return
+    _fault_calls += 1
+    if _fault_calls == int(target):
+        sys.stderr.write(f"mmsearch: fault injected at {name} (point {_fault_calls})\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def db_errors(path: Path, action: str):
+    """SQLite failures (disk full, read-only folder, corrupt file) as one clear MMSearchError line.
+
+    The transaction that failed is rolled back by SQLite, so the store keeps its previous content."""
+    try:
+        yield
+    except DBAPIError as exc:
+        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
+        raise MMSearchError(f"cannot {action} index {path.parent}: {reason}") from exc
 
 
 class Base(DeclarativeBase):
@@ -83,9 +121,10 @@ class Store:
         self.path = path
         self.engine = create_engine(f"sqlite:///{path}", future=True)
         event.listen(self.engine, "connect", _configure_connection)
-        if not readonly:
-            Base.metadata.create_all(self.engine)
-        self._check_schema(readonly)
+        with db_errors(path, "open"):
+            if not readonly:
+                Base.metadata.create_all(self.engine)
+            self._check_schema(readonly)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -196,7 +235,7 @@ class Store:
     def write_batch(self, records: Iterable[ItemRecord]) -> dict[str, int]:
         """Insert or update items and their vectors in ONE transaction; returns key -> id."""
         ids: dict[str, int] = {}
-        with Session(self.engine) as session, session.begin():
+        with db_errors(self.path, "write to"), Session(self.engine) as session, session.begin():
             fields = set(session.scalars(select(MetaField.name)))
             for rec in records:
                 item = session.scalars(select(Item).where(Item.key == rec.key)).first()
@@ -216,14 +255,16 @@ class Store:
                     session.add(MetaField(name=name))
                     fields.add(name)
             _bump_generation(session)
+        fault_point("batch-committed")
         return ids
 
     def delete_items(self, ids: Sequence[int]) -> None:
-        with Session(self.engine) as session, session.begin():
+        with db_errors(self.path, "write to"), Session(self.engine) as session, session.begin():
             for chunk in _chunks(list(ids), 900):
                 session.execute(delete(Vector).where(Vector.item_id.in_(chunk)))
                 session.execute(delete(Item).where(Item.id.in_(chunk)))
             _bump_generation(session)
+        fault_point("items-deleted")
 
 
 def _bump_generation(session: Session) -> None:
