@@ -13,6 +13,7 @@ import pickle
 import re
 import sqlite3
 import tokenize
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -74,15 +75,13 @@ def published_is_fresh(index: Path) -> bool:
         return collection.faiss_state().get("generation") == collection.store.generation()
 
 
-class _opened:
-    def __init__(self, index):
-        self.collection = Collection.open(index)
-
-    def __enter__(self):
-        return self.collection
-
-    def __exit__(self, *exc):
-        self.collection.close()
+@contextmanager
+def _opened(index: Path):
+    collection = Collection.open(index)
+    try:
+        yield collection
+    finally:
+        collection.close()
 
 
 @pytest.fixture
