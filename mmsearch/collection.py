@@ -104,10 +104,7 @@ class Collection:
                 holder = fh.read().strip() or "another process"
                 raise IndexLockedError(f"index {self.dir} is being written by {holder}; "
                                        "wait for it to finish (or use --wait)") from exc
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()}")
-            fh.flush()
+            _write_holder(fh, self.dir)
             self._locked = True
             if repair:
                 self.repair()
@@ -280,6 +277,17 @@ class Collection:
 
 
 _COUNT_KEY = {"image": "images", "text": "captions"}
+
+
+def _write_holder(fh, index_dir: Path) -> None:
+    """Name this process in the lock file, for the message a second writer gets."""
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+    except OSError as exc:  # a full disk: one clear line like every other write failure
+        raise MMSearchError(f"cannot write to index {index_dir}: {exc.strerror or exc}") from exc
 
 
 def _params(stored: dict | None, fallback: IndexParams) -> IndexParams:
