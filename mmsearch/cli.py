@@ -390,6 +390,32 @@ class _TrainBar:
             self.bar.close()
 
 
+@cli.command("reindex")
+@click.option("--index", "index_name", required=True, help=INDEX_HELP)
+@click.option("--index-type", type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]), default="auto",
+              show_default=True)
+@click.option("--max-memory", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Memory budget in MiB for the automatic index choice.")
+@click.option("--wait", is_flag=True, help="Wait for another writer on this index instead of failing.")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def reindex_cmd(index_name, index_type, max_memory, wait, fmt):
+    """Rebuild the ANN index from the stored vectors (no re-encoding), e.g. as another index type.
+
+    \b
+    mmsearch reindex --index shop --index-type hnsw
+    """
+    from .reindex import reindex
+
+    result = _run(reindex, _index_dir(index_name), index_type, max_memory * 1024**2, wait)
+    if fmt == "json":
+        click.echo(json.dumps(result))
+        return
+    params = result["index"]
+    knobs = ", ".join(f"{k}={params[k]}" for k in ("ef_search", "nprobe") if params.get(k))
+    click.echo(f"rebuilt {result['items']} items as {params['index_type']}"
+               + (f" ({knobs}, recall@10 {params['measured_recall_at_10']})" if knobs else ""))
+
+
 def main() -> None:
     cli(prog_name="mmsearch")
 
