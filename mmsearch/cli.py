@@ -81,10 +81,12 @@ def cli(verbose: int) -> None:
 @click.option("--max-memory", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Memory budget in MiB for the automatic index choice.")
 @click.option("--wait", is_flag=True, help="Wait for another ingest on this index instead of failing.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Encode with dynamic int8 Linear layers: faster on "
+              "CPU, vectors move slightly (see benchmarks/README.md).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def index_cmd(catalog, index_name, model, pretrained, batch_size, workers, delete, index_type, max_memory,
-              wait, fmt, quiet):
+              wait, quantize, fmt, quiet):
     """Encode a catalog (CSV, JSONL or a folder of images) into an index; re-run to update it.
 
     \b
@@ -95,7 +97,7 @@ def index_cmd(catalog, index_name, model, pretrained, batch_size, workers, delet
 
     options = IngestOptions(model=model, pretrained=pretrained, batch_size=batch_size, workers=workers,
                             delete=delete, index_type=index_type, max_memory=max_memory * 1024**2,
-                            wait_for_lock=wait)
+                            wait_for_lock=wait, quantize=quantize)
     bar = _Bar(quiet)
     try:
         report = _run(ingest, catalog, _index_dir(index_name), options, progress=bar)

@@ -123,7 +123,24 @@ def canonical_ref(name: str, pretrained: str | None) -> ModelRef:
     return ModelRef(name=name, pretrained=pretrained)
 
 
-def load_encoder(name: str, pretrained: str | None = None) -> Encoder:
+QUANTIZE_MODES = ("int8",)
+
+
+def quantize_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """CPU speed option: 'int8' = dynamic int8 quantisation of the image tower's nn.Linear layers (weights
+    int8, activations quantised per batch); attention in-projections stay fp32 (nn.MultiheadAttention keeps
+    them as raw parameters) and so does the text tower (open_clip reads its weight dtype; queries are one
+    text each). Vectors move slightly: benchmarks/bench_ingest.py reports the speed-up and top-10 agreement."""
+    if mode not in QUANTIZE_MODES:
+        raise ModelLoadError(f"unknown quantisation {mode!r}; choose from {', '.join(QUANTIZE_MODES)}")
+    from torch.ao.quantization import quantize_dynamic
+
+    model.eval()
+    model.visual = quantize_dynamic(model.visual, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def load_encoder(name: str, pretrained: str | None = None, quantize: str | None = None) -> Encoder:
     """Load a model for encoding; raise ModelLoadError with the reason instead of guessing."""
     import open_clip
 
@@ -131,6 +148,8 @@ def load_encoder(name: str, pretrained: str | None = None) -> Encoder:
     set_torch_threads()
     ref = canonical_ref(name, pretrained)
     model = create_model(ref)
+    if quantize:
+        model = quantize_model(model, quantize)
     preprocess = image_transform(model, is_train=False)
     tokenizer = open_clip.get_tokenizer(resolve_model_name(ref.name))
     return Encoder(model, preprocess, tokenizer, ref)

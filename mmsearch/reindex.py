@@ -19,7 +19,9 @@ def reindex(index_dir: Path, index_type: str = "auto", max_memory: int = DEFAULT
         raise ValueError(f"unknown index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
     collection = Collection.open(index_dir)
     try:
-        with collection.write_lock(wait=wait_for_lock):
+        # no repair on locking: it would rebuild with the old type; save_faiss below publishes a fresh
+        # index at the store's generation anyway (stale or missing files included)
+        with collection.write_lock(wait=wait_for_lock, repair=False):
             collection._indexes.clear()  # force a rebuild even when the type is unchanged
             collection.save_faiss(index_type, max_memory)
             counts = collection.store.counts()

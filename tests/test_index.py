@@ -170,3 +170,18 @@ def test_reindex_refuses_while_locked(tmp_path):
         assert result.exit_code != 0 and "being written" in result.output
     finally:
         collection.close()
+
+
+def test_int8_option_keeps_vectors_close():
+    """`--quantize int8` (image tower Linear layers): vectors move only slightly; text still encodes."""
+    import torch
+
+    from mmsearch.encoders import load_encoder
+
+    fp32 = load_encoder("mmsearch-tiny", "random")
+    int8 = load_encoder("mmsearch-tiny", "random", quantize="int8")
+    size = fp32.model.visual.image_size
+    pixels = torch.rand(4, 3, *(size if isinstance(size, (tuple, list)) else (size, size)))
+    cos = (fp32.encode_pixels(pixels) * int8.encode_pixels(pixels)).sum(1)
+    assert cos.min() > 0.98
+    assert int8.encode_texts(["red dress"]).shape == (1, fp32.dim)

@@ -1,0 +1,245 @@
+"""mmsearch vs rclip (PyPI) on the same machine, same folder, same architecture (ViT-B-32-256).
+
+rclip downloads its ONNX model from the Hugging Face hub on first run; offline, this benchmark gives it
+model files of the same architecture exported locally with random weights where it looks for them:
+$RCLIP_DATADIR/ViT-B-32-256-datacomp_s34b_b86k/{visual,textual}.onnx (input 'input', output 'output')
+and $RCLIP_DATADIR/tokenizer/bpe_simple_vocab_16e6.txt.gz (open_clip ships the same file). Only speed
+is compared; mmsearch runs ViT-B-32-256 with `--pretrained random` too.
+
+Indexing: wall time of `rclip QUERY` on a fresh database (index the folder + one query) minus the wall
+time of `rclip -n QUERY` (start-up + query), i.e. the indexing part alone; likewise `mmsearch index`
+minus a cold `mmsearch search`. Also the whole wall times. Medians of interleaved repeats.
+Cold query at N items: rclip's own database schema filled with N synthetic clustered vectors (rclip
+reads every vector from SQLite on each query); mmsearch's index of the same vectors (bench_query's
+store + auto index type, or --big-index-type for N >= 1M to bound build time). Each tool in a new process.
+
+rclip is installed in its own virtualenv (it pins older numpy/pillow/huggingface_hub):
+    python -m venv ~/.cache/mmsearch-bench/rclip-venv && ~/.cache/mmsearch-bench/rclip-venv/bin/pip install rclip
+    python benchmarks/bench_rclip.py               # 192 images; cold queries at 10k, 100k, 1M
+    python benchmarks/bench_rclip.py --quick       # 32 images; cold query at 5k
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from _common import embeddings, fmt_table, machine, write_results  # noqa: E402
+
+ARCH = "ViT-B-32-256"
+RCLIP_SUBDIR = "ViT-B-32-256-datacomp_s34b_b86k"
+DEFAULT_VENV = Path.home() / ".cache" / "mmsearch-bench" / "rclip-venv"
+ROOT = Path(__file__).parent.parent
+
+
+def export_rclip_models(datadir: Path) -> None:
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(ARCH, pretrained=None).eval()
+    target = datadir / RCLIP_SUBDIR
+    target.mkdir(parents=True, exist_ok=True)
+
+    class Visual(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.encode_image(x)
+
+    class Textual(Visual):
+        def forward(self, x):
+            return self.m.encode_text(x)
+
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}}
+    torch.onnx.export(Visual(model), torch.zeros(1, 3, 256, 256), str(target / "visual.onnx"), input_names=["input"],
+                      output_names=["output"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    tokens = open_clip.get_tokenizer(ARCH)(["a photo"])
+    torch.onnx.export(Textual(model), tokens, str(target / "textual.onnx"), input_names=["input"],
+                      output_names=["output"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    vocab = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    (datadir / "tokenizer").mkdir(exist_ok=True)
+    shutil.copy(vocab, datadir / "tokenizer" / vocab.name)
+    with gzip.open(vocab) as fh:  # sanity: a real vocabulary file
+        assert fh.read(100)
+
+
+def timed(cmd, cwd=None, env=None) -> float:
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {out.stderr[-1500:]}")
+    return elapsed
+
+
+def envs(datadir: Path) -> tuple[dict, dict]:
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    base["HF_HUB_OFFLINE"] = "1"
+    rclip = {**base, "RCLIP_DATADIR": str(datadir)}
+    mm = {**base, "PYTHONPATH": str(ROOT)}
+    return rclip, mm
+
+
+def indexing(rclip_bin: Path, folder: Path, datadir: Path, tmp: Path, repeat: int, n: int) -> dict:
+    rclip_env, mm_env = envs(datadir)
+    db = datadir / "db.sqlite3"
+    runs = {k: [] for k in ("rclip_index", "rclip_query", "mm_index", "mm_query", "mm_int8_index")}
+    for r in range(repeat):
+        for p in datadir.glob("db.sqlite3*"):
+            p.unlink()
+        runs["rclip_index"].append(timed([str(rclip_bin), "-f", "red dress"], cwd=folder, env=rclip_env))
+        assert db.exists()
+        runs["rclip_query"].append(timed([str(rclip_bin), "-n", "-f", "red dress"], cwd=folder, env=rclip_env))
+        for key, extra in (("mm_index", []), ("mm_int8_index", ["--quantize", "int8"])):
+            index_dir = tmp / f"mm-{key}-{r}"
+            runs[key].append(timed([sys.executable, "-m", "mmsearch", "index", str(folder), "--index", str(index_dir),
+                                    "--model", ARCH, "--pretrained", "random", "-q", *extra], env=mm_env))
+            if key == "mm_index":
+                runs["mm_query"].append(timed([sys.executable, "-m", "mmsearch", "search", "red dress", "--index",
+                                               str(index_dir)], env=mm_env))
+            shutil.rmtree(index_dir)
+        print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in runs.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    out = {"images": n, "wall_s_median": med, "runs": runs}
+    out["rclip_images_per_s"] = n / (med["rclip_index"] - med["rclip_query"])
+    out["mmsearch_images_per_s"] = n / (med["mm_index"] - med["mm_query"])
+    out["mmsearch_int8_images_per_s"] = n / (med["mm_int8_index"] - med["mm_query"])
+    out["mmsearch_over_rclip"] = out["mmsearch_images_per_s"] / out["rclip_images_per_s"]
+    out["mmsearch_int8_over_rclip"] = out["mmsearch_int8_images_per_s"] / out["rclip_images_per_s"]
+    out["whole_wall_rclip_over_mmsearch"] = med["rclip_index"] / med["mm_index"]
+    return out
+
+
+RCLIP_FILL = r"""
+import sys, numpy as np
+from rclip import db
+d = db.DB(sys.argv[1])
+vecs = np.load(sys.argv[2], mmap_mode="r")
+folder = sys.argv[3]
+for start in range(0, len(vecs), 50_000):
+    rows = [(f"{folder}/img{i:07d}.jpg", 1.7e9, 50_000, np.ascontiguousarray(vecs[i]).tobytes(), f"{i:064x}")
+            for i in range(start, min(start + 50_000, len(vecs)))]
+    d._con.executemany("INSERT INTO images(deleted, indexing, filepath, modified_at, size, vector, hash) "
+                       "VALUES (NULL, NULL, ?, ?, ?, ?, ?)", rows)
+    d._con.commit()
+d.close()
+"""
+
+
+def cold_queries(rclip_bin: Path, sizes: list[int], tmp: Path, datadir: Path, repeat: int, big_type: str) -> list:
+    from bench_query import build_store
+
+    from mmsearch.collection import Collection
+
+    rclip_env, mm_env = envs(datadir)
+    results = []
+    for n in sizes:
+        vectors = embeddings(n)
+        folder = tmp / f"photos{n}"
+        folder.mkdir()
+        vec_path = tmp / "vecs.npy"
+        np.save(vec_path, vectors)
+        rdata = tmp / f"rclip{n}"
+        rdata.mkdir()
+        for item in (RCLIP_SUBDIR, "tokenizer"):
+            os.symlink(datadir / item, rdata / item)
+        subprocess.run([str(rclip_bin.parent / "python"), "-c", RCLIP_FILL, str(rdata / "db.sqlite3"), str(vec_path),
+                        str(folder)], check=True)
+        index_dir = tmp / f"mm{n}"
+        build_store(index_dir, vectors)
+        del vectors
+        kind = big_type if n >= 1_000_000 else "auto"
+        collection = Collection.open(index_dir)
+        t0 = time.perf_counter()
+        with collection.write_lock(repair=False):
+            collection.save_faiss(kind)
+        build_s = time.perf_counter() - t0
+        chosen = collection.manifest.index.index_type
+        collection.close()
+        renv = {**rclip_env, "RCLIP_DATADIR": str(rdata)}
+        rc, mm = [], []
+        for _ in range(repeat):
+            rc.append(timed([str(rclip_bin), "-n", "-f", "red dress"], cwd=folder, env=renv))
+            mm.append(timed([sys.executable, "-m", "mmsearch", "search", "red dress", "--index", str(index_dir)],
+                            env=mm_env))
+        row = {"n": n, "mmsearch_index_type": chosen, "mmsearch_index_build_s": build_s,
+               "rclip_cold_query_s": statistics.median(rc), "mmsearch_cold_query_s": statistics.median(mm),
+               "runs": {"rclip": rc, "mmsearch": mm}}
+        row["mmsearch_over_rclip"] = row["mmsearch_cold_query_s"] / row["rclip_cold_query_s"]
+        print(row, flush=True)
+        results.append(row)
+        shutil.rmtree(index_dir)
+        shutil.rmtree(rdata)
+        vec_path.unlink()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rclip-venv", type=Path, default=DEFAULT_VENV)
+    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cold-sizes", default="10000,100000,1000000")
+    parser.add_argument("--big-index-type", default="ivfpq", help="mmsearch index type at N >= 1M (build time)")
+    parser.add_argument("--skip-indexing", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    rclip_bin = args.rclip_venv / "bin" / "rclip"
+    if not rclip_bin.exists():
+        sys.exit(f"rclip not found at {rclip_bin}; see this file's docstring to install it")
+    n, repeat = (32, 1) if args.quick else (args.images, args.repeat)
+    sizes = [5_000] if args.quick else [int(s) for s in args.cold_sizes.split(",") if s]
+    from bench_ingest import make_images
+
+    tmp = Path(tempfile.mkdtemp(prefix="mmsearch-bench-rclip-"))
+    try:
+        datadir = tmp / "rclip-data"
+        export_rclip_models(datadir)
+        result = {"machine": machine(), "architecture": f"{ARCH}, random weights for both (speed only)",
+                  "rclip_version": subprocess.run([str(rclip_bin), "--version"], capture_output=True,
+                                                  text=True).stdout.strip()}
+        if not args.skip_indexing:
+            folder = tmp / "photos"
+            make_images(folder, n)
+            result["indexing"] = indexing(rclip_bin, folder, datadir, tmp, repeat, n)
+        result["cold_query"] = cold_queries(rclip_bin, sizes, tmp, datadir, repeat, args.big_index_type)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = [f"mmsearch vs {result['rclip_version']} ({result['architecture']}), medians of {repeat}"]
+    if "indexing" in result:
+        ix = result["indexing"]
+        w = ix["wall_s_median"]
+        lines.append(fmt_table(["", "rclip", "mmsearch fp32", "mmsearch int8"], [
+            ["whole wall s (index run)", f"{w['rclip_index']:.1f}", f"{w['mm_index']:.1f}",
+             f"{w['mm_int8_index']:.1f}"],
+            ["cold query wall s", f"{w['rclip_query']:.1f}", f"{w['mm_query']:.1f}", "-"],
+            ["indexing images/s", f"{ix['rclip_images_per_s']:.2f}", f"{ix['mmsearch_images_per_s']:.2f}",
+             f"{ix['mmsearch_int8_images_per_s']:.2f}"],
+            ["x rclip (target >= 2)", "1.00", f"{ix['mmsearch_over_rclip']:.2f}",
+             f"{ix['mmsearch_int8_over_rclip']:.2f}"],
+        ]))
+    lines.append("\nCold query (new process each; rclip -n reads every vector from SQLite)")
+    lines.append(fmt_table(["N", "rclip s", "mmsearch s", "mmsearch index", "mmsearch / rclip (target <= 0.2 at 1M)"],
+                           [[r["n"], f"{r['rclip_cold_query_s']:.2f}", f"{r['mmsearch_cold_query_s']:.2f}",
+                             r["mmsearch_index_type"], f"{r['mmsearch_over_rclip']:.3f}"]
+                            for r in result["cold_query"]]))
+    write_results("bench_rclip_quick" if args.quick else "bench_rclip", result, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
