@@ -85,6 +85,9 @@ class Encoder:
 
 
 def _embed_dim(model: torch.nn.Module) -> int:
+    declared = getattr(model.visual, "output_dim", None)  # open_clip towers declare it: no forward pass
+    if isinstance(declared, int) and declared > 0:
+        return declared
     with torch.inference_mode():
         size = model.visual.image_size
         size = size if isinstance(size, (tuple, list)) else (size, size)
