@@ -223,12 +223,30 @@ class Store:
             return set(session.scalars(select(MetaField.name)))
 
     def random_ids(self, n: int, seed: int = 0) -> list[int]:
-        """A deterministic sample of item ids (for score calibration and recall checks)."""
+        """A deterministic sample of up to n item ids (score calibration, recall checks).
+
+        Ids are nearly dense (SQLite rowids), so candidates are drawn from [min, max] and the
+        existing ones kept: O(n) rows read instead of every id (this runs on cold queries)."""
         with Session(self.engine) as session:
-            ids = list(session.scalars(select(Item.id)))
-        if len(ids) <= n:
-            return ids
-        rng = np.random.default_rng(seed)
+            low, high, count = session.execute(select(func.min(Item.id), func.max(Item.id), func.count())).one()
+            if not count:
+                return []
+            if count <= n:
+                return list(session.scalars(select(Item.id).order_by(Item.id)))
+            rng = np.random.default_rng(seed)
+            span = high - low + 1
+            found: list[int] = []
+            for _ in range(8):  # a few rounds suffice unless deletions left the id range very sparse
+                draws = rng.choice(span, size=min(span, 4 * n), replace=False) + low
+                for chunk in _chunks(sorted(set(draws.tolist()) - set(found)), 900):
+                    found.extend(session.scalars(select(Item.id).where(Item.id.in_(chunk))))
+                if len(found) >= n:
+                    break
+            return sorted(found[:n]) if len(found) >= n else self._all_sample(session, n, rng)
+
+    @staticmethod
+    def _all_sample(session: Session, n: int, rng) -> list[int]:
+        ids = list(session.scalars(select(Item.id)))
         return sorted(int(i) for i in rng.choice(ids, size=n, replace=False))
 
     # -- writes -------------------------------------------------------------------------------
