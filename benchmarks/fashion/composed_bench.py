@@ -56,7 +56,7 @@ def make_queries(catalog: Path, n_tune: int, n_test: int, text: str, seed: int):
         a, b = rng.choice(len(variants[product]), size=2, replace=False)
         source, target = variants[product][a], variants[product][b]
         words = text.format(color=target["color"], category=target["category"])
-        queries.append((str(catalog.parent / source["image"]), words, target["id"]))
+        queries.append((str((catalog.parent / source["image"]).resolve()), words, target["id"]))
     return queries[:n_tune], queries[n_tune:]
 
 
