@@ -83,6 +83,7 @@ class TrainOptions:
     group_column: str | None = None  # metadata column naming the product: its variants are image-image positives
     resume: bool = False
     workers: int = 0  # threads decoding images (0 = in the calling thread)
+    caption_bank: int = 512  # distinct catalog captions added as extra texts to every batch (0: none)
     precision: str = "fp32"  # "fp32" or "bf16" (CPU autocast; faster on CPUs with AMX/AVX512-BF16)
 
     def validate(self) -> None:
@@ -100,6 +101,8 @@ class TrainOptions:
             raise TrainError(f"freeze must be 'image', 'text' or None, got {self.freeze!r}")
         if self.train_last_blocks is not None and self.train_last_blocks < 0:
             raise TrainError("train_last_blocks must be >= 0")
+        if self.caption_bank < 0:
+            raise TrainError("caption_bank must be >= 0")
         if self.precision not in ("fp32", "bf16"):
             raise TrainError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
@@ -146,6 +149,12 @@ TEMPLATES = (
     "{n}, {c}",
     "{c} colored {n}",
 )
+# Query noise a shopper adds around the product words: (prefix, suffix).
+FILLERS = (
+    ("buy", ""), ("find", ""), ("looking for", ""), ("new", ""), ("classic", ""), ("cheap", ""),
+    ("stylish", ""), ("", "online"), ("", "for women"), ("", "for men"), ("", "please"), ("best", "online"),
+)
+FILLER_P = 0.2
 WRAP_TEMPLATES = ("{x}", "a photo of {x}", "an image of {x}", "{x}, product photo")
 _SPACES = re.compile(r"\s+")
 
@@ -229,11 +238,16 @@ def caption_variants(caption: str) -> tuple[str, ...]:
 
 
 def augment_caption(caption: str, rng: np.random.Generator) -> str:
-    """The caption itself now and then (it is how catalog queries read), else a random paraphrase."""
+    """The caption itself now and then (it is how catalog queries read), else a random paraphrase,
+    sometimes with a filler word around it so that words which say nothing about the product get ignored."""
     if rng.random() < KEEP_CAPTION_P:
         return caption
     variants = caption_variants(caption)
-    return variants[int(rng.integers(len(variants)))]
+    text = variants[int(rng.integers(len(variants)))]
+    if rng.random() < FILLER_P:
+        prefix, suffix = FILLERS[int(rng.integers(len(FILLERS)))]
+        text = f"{prefix} {text} {suffix}".strip()
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,11 +264,22 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-def clip_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE on normalised embeddings; equal labels are positives in both directions."""
+def clip_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor,
+              text_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE on normalised embeddings; equal labels are positives in both directions.
+
+    `texts` may hold more rows than `images` (the batch's captions, then caption-bank captions with
+    `text_labels`): every text is a candidate for every image; a text with no image of its label in
+    the batch is only a negative.
+    """
+    text_labels = labels if text_labels is None else text_labels
     logits = scale * images @ texts.T
-    targets = multi_positive_targets(labels)  # symmetric, so its transpose serves text->image
-    return (soft_cross_entropy(logits, targets) + soft_cross_entropy(logits.T, targets)) / 2
+    positives = (labels[:, None] == text_labels[None, :]).float()
+    image_to_text = soft_cross_entropy(logits, positives / positives.sum(dim=1, keepdim=True))
+    rows = positives.sum(dim=0) > 0
+    per_text = positives.T[rows]
+    text_to_image = soft_cross_entropy(logits.T[rows], per_text / per_text.sum(dim=1, keepdim=True))
+    return (image_to_text + text_to_image) / 2
 
 
 def group_loss(images: torch.Tensor, scale: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -500,9 +525,17 @@ def make_optimizer(model: torch.nn.Module, keep: set[str], options: TrainOptions
         raise TrainError("nothing to train: every parameter is frozen")
     groups = [(decay, options.weight_decay), (no_decay, 0.0)]
     groups = [(members, wd) for members, wd in groups if members]
-    optimizer = torch.optim.AdamW([{"params": [p for _, p in members], "weight_decay": wd} for members, wd in groups],
-                                  lr=options.lr, betas=(0.9, 0.98), eps=1e-6)
+    param_groups = [{"params": [p for _, p in members], "weight_decay": wd} for members, wd in groups]
+    try:  # the fused kernel is ~6x faster on CPU (torch >= 2.4); same maths
+        optimizer = torch.optim.AdamW(param_groups, lr=options.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        optimizer = torch.optim.AdamW(param_groups, lr=options.lr, betas=(0.9, 0.98), eps=1e-6)
     return optimizer, [name for members, _ in groups for name, _ in members]
+
+
+def is_conv_tower(model: torch.nn.Module) -> bool:
+    """Conv towers (ResNets, timm convnets) run faster channels-last on CPU; a ViT has one conv only."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.visual.modules()) > 1
 
 
 def lr_at(step: int, progress: float, options: TrainOptions) -> float:
@@ -607,6 +640,9 @@ class _Run:
         self.progress = progress or (lambda event: None)
         self.tokenizer = open_clip.get_tokenizer(resolve_model_name(options.model))
         self.pipeline = PixelPipeline(model)
+        self.channels_last = is_conv_tower(model)
+        if self.channels_last:
+            model.visual.to(memory_format=torch.channels_last)
         self.keep = trainable_names(model, options.freeze, options.train_last_blocks)
         apply_freeze(model, self.keep)
         self.optimizer, self.param_names = make_optimizer(model, self.keep, options)
@@ -681,12 +717,14 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         images, texts, labels, groups = self.make_batch(batch)
+        bank = self.caption_bank()
+        texts = texts + [self.data.unique_captions[i] for i in bank]
         self.updating = True
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.options.precision == "bf16"):
             image_emb = F.normalize(self.model.encode_image(images).float(), dim=-1)
             text_emb = self.encode_batch_texts(texts)
         scale = self.model.logit_scale.exp()
-        loss = clip_loss(image_emb, text_emb, scale, labels)
+        loss = clip_loss(image_emb, text_emb, scale, labels, torch.cat([labels, bank]))
         if groups is not None:
             loss = loss + GROUP_LOSS_WEIGHT * group_loss(image_emb, scale, groups)
         self.optimizer.zero_grad(set_to_none=True)
@@ -706,11 +744,25 @@ class _Run:
         images = self.pipeline.normalise(self.data.pixels[index])
         if self.options.augment:
             images = self.pipeline.augment(images, generator)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         captions = [self.data.captions[i] for i in batch]
         if self.options.caption_templates:
             captions = [augment_caption(c, rng) for c in captions]
         groups = self.data.groups[index] if self.data.groups is not None else None
         return images, captions, self.data.labels[index], groups
+
+    def caption_bank(self) -> torch.Tensor:
+        """Labels of catalog captions added to the batch's texts as extra candidates.
+
+        With few distinct captions (a colour x category catalog has 110), a batch often misses the
+        hard negatives ("a red shirt" for a red t-shirt); adding every caption puts them all in.
+        """
+        size = min(self.options.caption_bank, len(self.data.unique_captions))
+        if size == len(self.data.unique_captions):
+            return torch.arange(size)
+        rng = np.random.default_rng([self.options.seed, self.step, 1])
+        return torch.from_numpy(rng.choice(len(self.data.unique_captions), size, replace=False))
 
     def encode_batch_texts(self, texts: list[str]) -> torch.Tensor:
         """Each distinct string once: catalog batches repeat captions, so this saves most text compute."""
