@@ -20,7 +20,7 @@ import torch
 
 from .catalog import CatalogItem, read_catalog
 from .collection import Collection
-from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelRef
+from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .encoders import Encoder, canonical_ref, load_encoder
 from .errors import ItemError, MMSearchError
 from .images import load_image, open_image_file
@@ -233,7 +233,3 @@ def _record(work: _Work, image_vec, text_vec) -> ItemRecord:
     return ItemRecord(key=item.key, image=str(item.image) if item.image else None, caption=item.caption,
                       image_hash=work.image_hash, caption_hash=work.caption_hash, meta=item.metadata,
                       vectors=vectors)
-
-
-def default_ref() -> ModelRef:
-    return ModelRef(DEFAULT_MODEL, DEFAULT_PRETRAINED)

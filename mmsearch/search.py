@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -352,7 +352,3 @@ def _validate(query: Query) -> None:
         raise QueryError("k must be at least 1")
     if all(p.weight == 0 for p in query.parts):
         raise QueryError("every query part has weight 0")
-
-
-def config_dict(config: FusionConfig) -> dict:
-    return asdict(config)
