@@ -23,6 +23,8 @@ DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 MODALITIES = ("image", "text")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as decompression bombs
+PACKAGE_DIR = Path(__file__).parent
+SHIPPED_MODELS_DIR = PACKAGE_DIR / "models"  # models shipped inside the package, by name
 
 
 def resolve_index_dir(name: str) -> Path:

@@ -21,14 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ModelRef
+from .config import PACKAGE_DIR, SHIPPED_MODELS_DIR, ModelRef
 from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).parent
 CONFIG_DIR = PACKAGE_DIR / "model_configs"
-SHIPPED_MODELS_DIR = PACKAGE_DIR / "models"
 MODEL_CONFIG_FILE = "open_clip_config.json"
 MODEL_WEIGHTS_FILE = "open_clip_model.safetensors"
 RANDOM = "random"

@@ -26,6 +26,7 @@ from .errors import ItemError, MMSearchError
 from .images import load_image, open_image_file
 from .index import DEFAULT_MAX_MEMORY
 from .store import ItemRecord
+from .textonnx import export_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ def _run(collection: Collection, encoder: Encoder, items: list[CatalogItem], opt
     progress("saving index", 0, 1)
     collection.save_faiss(options.index_type, options.max_memory)
     progress("saving index", 1, 1)
+    export_text_encoder(encoder)  # once per model: later text queries skip torch
 
 
 def _plan(items, known, pool, report, progress) -> list[_Work]:

@@ -13,17 +13,21 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import fusion
 from .collection import Collection
 from .config import FusionConfig
-from .encoders import Encoder, load_encoder
 from .errors import ItemError, QueryError
 from .filters import Condition, parse_conditions
 from .images import load_image
 from .store import filter_ids
+from .textonnx import FastTextEncoder, load_fast_text_encoder
+
+if TYPE_CHECKING:
+    from .encoders import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +149,7 @@ class Searcher:
     def __init__(self, index_dir: Path, encoder: Encoder | None = None):
         self.collection = Collection.open(index_dir)
         self._encoder = encoder
+        self._fast_text: FastTextEncoder | None | bool = False  # False: not looked up yet; None: no export
         self._null_cache: dict = {}
 
     @property
@@ -154,9 +159,20 @@ class Searcher:
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
+            from .encoders import load_encoder  # imports torch: only when a query needs it
+
             ref = self.manifest.model
             self._encoder = load_encoder(ref.name, ref.pretrained)
         return self._encoder
+
+    @property
+    def text_encoder(self) -> Encoder | FastTextEncoder:
+        """For words: the torch encoder if loaded, else the verified ONNX export (no torch import)."""
+        if self._encoder is not None:
+            return self._encoder
+        if self._fast_text is False:
+            self._fast_text = load_fast_text_encoder(self.manifest.model, self.manifest.dim)
+        return self._fast_text or self.encoder
 
     def close(self) -> None:
         self.collection.close()
@@ -195,7 +211,7 @@ class Searcher:
         images = [p for p in parts if p.kind == "image"]
         encoded: dict[int, np.ndarray] = {}
         if texts:
-            for part, vec in zip(texts, self.encoder.encode_texts([p.value for p in texts])):
+            for part, vec in zip(texts, self.text_encoder.encode_texts([p.value for p in texts])):
                 encoded[id(part)] = vec
         if images:
             try:

@@ -8,6 +8,8 @@ from pathlib import Path
 # Set before anything imports huggingface_hub (it reads these at import time).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_CACHE", tempfile.mkdtemp(prefix="mmsearch-hf-cache-"))
+# ONNX text-encoder exports go to a private cache, not the user's ~/.cache/mmsearch.
+os.environ["MMSEARCH_CACHE"] = tempfile.mkdtemp(prefix="mmsearch-cache-")
 
 import pytest  # noqa: E402
 

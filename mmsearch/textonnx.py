@@ -1,0 +1,307 @@
+"""A torch-free text encoder for fast cold queries.
+
+A new `mmsearch search` process spends seconds importing torch and open_clip and building the model,
+far more than the search itself. So when an index is built, the model's text tower is exported once
+to ONNX (in a per-machine cache keyed by the model's identity) and checked against torch; a text
+query then runs it with onnxruntime and a pure-Python copy of open_clip's CLIP BPE tokenizer.
+
+Importing this module does not import torch. `export_text_encoder` does (it runs at index time).
+The fast path is used only when the export proved equivalent (same tokens as open_clip's tokenizer
+on probe texts, vectors within EXPORT_TOLERANCE); anything else falls back to the torch encoder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import html
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .config import SHIPPED_MODELS_DIR, ModelRef
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "MMSEARCH_CACHE"
+DISABLE_ENV = "MMSEARCH_FAST_TEXT"  # "0": never use (or write) the ONNX text encoder
+EXPORT_FORMAT = 1  # bump when the exported graph's inputs/outputs change
+ONNX_FILE = "text.onnx"
+META_FILE = "meta.json"
+EXPORT_TOLERANCE = 1e-4  # max |onnx - torch| over normalised vectors of the probe texts
+PROBE_TEXTS = (
+    "a red ankle boot", "Ankle boots in RED!", "show me   crimson dresses for sale",
+    "café crème & naïve façade", "it's a 3-pack of socks (size 42)", "",
+    "日本語のテキスト", "emoji 👗👠 test", "&amp; html &lt;escaped&gt;", "x" * 400,
+    "a very long caption " * 20,
+)
+
+
+def enabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "1") != "0"
+
+
+def cache_root() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "mmsearch")
+    return Path(root) / "text-onnx"
+
+
+def _file_identity(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def model_key(ref: ModelRef) -> str:
+    """Names the export: the model reference plus size and mtime of every local file it reads."""
+    parts: list = [EXPORT_FORMAT, ref.name, ref.pretrained]
+    for value in (ref.name, ref.pretrained):
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if not path.exists() and (SHIPPED_MODELS_DIR / value).is_dir():
+            path = SHIPPED_MODELS_DIR / value
+        if path.is_dir():
+            parts += [_file_identity(p) for p in sorted(path.iterdir()) if p.is_file()]
+        elif path.is_file():
+            parts.append(_file_identity(path))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLIP BPE tokenizer (open_clip's SimpleTokenizer, clean='lower'), without torch.
+# Copied in spirit from https://github.com/openai/CLIP (MIT License, Copyright (c) 2021 OpenAI).
+
+
+def open_clip_bpe_path() -> Path:
+    """open_clip's vocabulary file, found without importing open_clip (which imports torch)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("open_clip is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, [chr(c) for c in codes]))
+
+
+class ClipTokenizer:
+    """Text -> (N, context_length) int64 token ids, identical to open_clip's default tokenizer."""
+
+    def __init__(self, context_length: int, bpe_path: Path | None = None):
+        import regex
+
+        lines = gzip.open(bpe_path or open_clip_bpe_path()).read().decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+        byte_chars = list(_bytes_to_unicode().values())
+        vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+        vocab += ["<start_of_text>", "<end_of_text>"]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.ranks = {merge: i for i, merge in enumerate(merges)}
+        self.sot, self.eot = self.encoder["<start_of_text>"], self.encoder["<end_of_text>"]
+        self.context_length = context_length
+        self.cache = {"<start_of_text>": "<start_of_text>", "<end_of_text>": "<end_of_text>"}  # as in open_clip
+        self.pattern = regex.compile(
+            r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.context_length), dtype=np.int64)
+        for row, text in enumerate(texts):
+            tokens = [self.sot, *self.encode(text), self.eot]
+            if len(tokens) > self.context_length:
+                tokens = tokens[: self.context_length]
+                tokens[-1] = self.eot
+            out[row, : len(tokens)] = tokens
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        byte_map = _bytes_to_unicode()
+        ids = []
+        for word in self.pattern.findall(_clean(text)):
+            unicode_word = "".join(byte_map[b] for b in word.encode("utf-8"))
+            ids.extend(self.encoder[piece] for piece in self.bpe(unicode_word).split(" "))
+        return ids
+
+    def bpe(self, token: str) -> str:
+        if token in self.cache:
+            return self.cache[token]
+        word = (*token[:-1], token[-1] + "</w>")
+        while len(word) > 1:
+            pairs = set(zip(word, word[1:]))
+            best = min(pairs, key=lambda pair: self.ranks.get(pair, float("inf")))
+            if best not in self.ranks:
+                break
+            word = _merge(word, best)
+        self.cache[token] = " ".join(word)
+        return self.cache[token]
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged, i = [], 0
+    while i < len(word):
+        if i < len(word) - 1 and (word[i], word[i + 1]) == pair:
+            merged.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return tuple(merged)
+
+
+def _clean(text: str) -> str:
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# Query time: onnxruntime
+
+
+class FastTextEncoder:
+    """encode_texts like encoders.Encoder, from the exported ONNX text tower."""
+
+    def __init__(self, session, tokenizer: ClipTokenizer, dim: int):
+        self.session, self.tokenizer, self.dim = session, tokenizer, dim
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        chunks = [self.session.run(None, {"tokens": self.tokenizer(list(texts[i : i + batch_size]))})[0]
+                  for i in range(0, len(texts), batch_size)]
+        if not chunks:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = np.concatenate(chunks).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12
+        return np.ascontiguousarray(vectors)
+
+
+def load_fast_text_encoder(ref: ModelRef, dim: int) -> FastTextEncoder | None:
+    """The verified export for this model, or None (then the caller uses the torch encoder)."""
+    if not enabled():
+        return None
+    folder = cache_root() / model_key(ref)
+    if not (folder / META_FILE).is_file():
+        return None
+    try:
+        return load_fast_text_encoder_from(folder, dim)
+    except Exception as exc:  # a damaged cache or a missing onnxruntime must never break a search
+        log.warning("fast text encoder for %s unusable (%s); using torch", ref.label(), exc)
+        return None
+
+
+def load_fast_text_encoder_from(folder: Path, dim: int) -> FastTextEncoder:
+    import onnxruntime as ort
+
+    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    if meta.get("format") != EXPORT_FORMAT or meta.get("dim") != dim:
+        raise ValueError(f"export in {folder} is for another format or dimension")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, os.cpu_count() or 1)
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+    return FastTextEncoder(session, ClipTokenizer(int(meta["context_length"])), dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Index time: export with torch and verify
+
+
+def export_text_encoder(encoder) -> Path | None:
+    """Export encoder's text tower once per model; returns the cache folder, or None when the model's
+    tokenizer or graph cannot be reproduced exactly (the torch path is then the only path)."""
+    if not enabled():
+        return None
+    folder = cache_root() / model_key(encoder.ref)
+    if (folder / META_FILE).is_file():
+        return folder
+    context_length = _plain_clip_context_length(encoder.tokenizer)
+    if context_length is None:
+        log.info("fast text path off for %s: its tokenizer is not open_clip's CLIP BPE", encoder.ref.label())
+        return None
+    try:
+        tokenizer = ClipTokenizer(context_length)
+        expected = np.asarray(encoder.tokenizer(list(PROBE_TEXTS)))
+        if not np.array_equal(tokenizer(PROBE_TEXTS), expected):
+            log.info("fast text path off for %s: tokenizer mismatch", encoder.ref.label())
+            return None
+        return _write_export(encoder, tokenizer, folder)
+    except Exception as exc:  # export is an optimisation: failing it must not fail the index
+        log.warning("could not export the text encoder of %s to ONNX (%s); queries use torch",
+                    encoder.ref.label(), exc)
+        return None
+
+
+def _plain_clip_context_length(tokenizer) -> int | None:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    if type(tokenizer) is not SimpleTokenizer or tokenizer.reduction_fn is not None:
+        return None
+    if getattr(tokenizer.clean_fn, "__name__", "") != "_clean_lower" or len(tokenizer.all_special_ids) != 2:
+        return None
+    return int(tokenizer.context_length)
+
+
+def _write_export(encoder, tokenizer: ClipTokenizer, folder: Path) -> Path | None:
+    import torch
+
+    class TextTower(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens):
+            return self.model.encode_text(tokens)
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".export-"))
+    staging.chmod(0o755)  # mkdtemp makes 0700; the cache is as readable as the indexes that use it
+    try:
+        tokens = torch.from_numpy(tokenizer(PROBE_TEXTS[:2]))
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes on shape checks; the probe comparison below is the test
+            torch.onnx.export(TextTower(encoder.model).eval(), (tokens,), str(staging / ONNX_FILE),
+                              input_names=["tokens"], output_names=["vectors"], opset_version=17,
+                              dynamic_axes={"tokens": {0: "batch"}, "vectors": {0: "batch"}}, dynamo=False)
+        meta = {"format": EXPORT_FORMAT, "model": encoder.ref.label(), "dim": encoder.dim,
+                "context_length": tokenizer.context_length}
+        (staging / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+        error = _export_error(encoder, staging)
+        if error > EXPORT_TOLERANCE:
+            log.warning("ONNX text encoder of %s differs from torch by %.2g; not used", encoder.ref.label(), error)
+            return None
+        meta["max_abs_diff"] = error
+        (staging / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+        try:
+            os.rename(staging, folder)  # atomic: readers see no folder or a complete one
+        except OSError:  # another process exported it first
+            if not (folder / META_FILE).is_file():
+                raise
+        return folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_error(encoder, folder: Path) -> float:
+    fast = load_fast_text_encoder_from(folder, encoder.dim)
+    got = fast.encode_texts(PROBE_TEXTS)
+    want = encoder.encode_texts(PROBE_TEXTS)
+    return float(np.abs(got - want).max())
