@@ -154,8 +154,10 @@ def ann_stats(kind, index, vectors, ids, queries, truth, tmp: Path, queries_path
 def warm_query(index_dir: Path, repeat: int) -> dict:
     from mmsearch.encoders import load_encoder
     from mmsearch.search import Searcher, build_query
+    from mmsearch.textonnx import export_text_encoder
 
     encoder = load_encoder(MODEL, PRETRAINED)
+    export_text_encoder(encoder)  # as `mmsearch index` does: the cold CLI query below runs torch-free
     texts = ["red leather ankle boot", "striped summer dress", "black backpack", "white sneaker"]
     with Searcher(index_dir, encoder=encoder) as searcher:
         searcher.search(build_query(texts=[texts[0]]))  # loads the index, fills the calibration cache

@@ -3,7 +3,8 @@
 Vectors are L2-normalised, so inner product is cosine similarity. Ids are the SQLite item ids.
 
 Layouts (bytes per 512-d vector): flat = IDMap(FlatIP), 2048 + 8; hnsw = IDMap(HNSW32,Flat),
-2048 + ~270 (graph) + 8; ivfpq = IVF{4 sqrt N}[_HNSW32 at >= 1M],PQ64x8 with its own ids, 64 + 8.
+2048 + ~270 (graph) + 8; ivfpq = IVF{2.5 sqrt N}[_HNSW32 at >= 1M],PQ64x8 with its own ids, 64 + 8
+(+ ~6 for the coarse centroids at 1M: 2.5 sqrt N rather than FAISS's usual 4 keeps the total under 80).
 No IDMap2: its reverse hash map costs ~40 bytes per vector and nothing here reconstructs by id.
 Search knobs (efSearch / nprobe) are tuned at build time on a sample of perturbed stored vectors
 against exact search; for ivfpq the recall recorded is the one of the search path, i.e. the true
@@ -53,8 +54,11 @@ def choose_index_type(n_items: int, dim: int, max_memory: int = DEFAULT_MAX_MEMO
 
 
 def ivf_lists(n_items: int) -> int:
-    """~4 sqrt(N) inverted lists, at least 39 training points each (FAISS's k-means minimum)."""
-    return max(1, min(int(4 * math.sqrt(max(n_items, 1))), max(n_items // 39, 1)))
+    """~2.5 sqrt(N) inverted lists, at least 39 training points each (FAISS's k-means minimum).
+
+    Each list costs a 4*dim-byte centroid (plus its HNSW links from 1M): at 1M x 512-d, 4 sqrt(N) lists
+    would add ~9.4 bytes per vector to the 72 of code + id; 2.5 sqrt(N) adds ~6, and nprobe is tuned anyway."""
+    return max(1, min(int(2.5 * math.sqrt(max(n_items, 1))), max(n_items // 39, 1)))
 
 
 def _pq_m(dim: int) -> int:
