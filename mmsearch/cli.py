@@ -62,8 +62,9 @@ def cli(verbose: int) -> None:
     """Multimodal semantic search for product catalogs (open_clip + FAISS + SQLite)."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mmsearch").setLevel(level)  # our warnings show even when the root is quietened
     if verbose == 0:
-        logging.getLogger("root").setLevel(logging.ERROR)  # open_clip logs routine info as warnings
+        logging.getLogger().setLevel(logging.ERROR)  # open_clip logs routine info as root warnings
 
 
 @cli.command("index")
@@ -81,23 +82,26 @@ def cli(verbose: int) -> None:
 @click.option("--max-memory", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Memory budget in MiB for the automatic index choice.")
 @click.option("--wait", is_flag=True, help="Wait for another ingest on this index instead of failing.")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Encode with dynamic int8 Linear layers: faster on "
-              "CPU, vectors move slightly (see benchmarks/README.md).")
+@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="Run the image tower in PyTorch or in ONNX Runtime (exported and checked once per model).")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Encode images with a dynamic int8 tower: faster on "
+              "CPU (most with --runtime onnx), vectors move slightly (see benchmarks/README.md).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def index_cmd(catalog, index_name, model, pretrained, batch_size, workers, delete, index_type, max_memory,
-              wait, quantize, fmt, quiet):
+              wait, runtime, quantize, fmt, quiet):
     """Encode a catalog (CSV, JSONL or a folder of images) into an index; re-run to update it.
 
     \b
     mmsearch index catalog.csv --index shop
     mmsearch index photos/ --index photos --model ViT-B-32 --pretrained ./vit-b-32.safetensors
+    mmsearch index catalog.csv --index shop --runtime onnx --quantize int8
     """
     from .ingest import IngestOptions, ingest
 
     options = IngestOptions(model=model, pretrained=pretrained, batch_size=batch_size, workers=workers,
                             delete=delete, index_type=index_type, max_memory=max_memory * 1024**2,
-                            wait_for_lock=wait, quantize=quantize)
+                            wait_for_lock=wait, quantize=quantize, runtime=runtime)
     bar = _Bar(quiet)
     try:
         report = _run(ingest, catalog, _index_dir(index_name), options, progress=bar)

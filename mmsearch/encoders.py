@@ -60,6 +60,7 @@ class Encoder:
         self.tokenizer = tokenizer
         self.ref = ref
         self.dim = int(_embed_dim(model))
+        self.image_tower = None  # an imageonnx.OnnxImageTower when loaded with runtime="onnx"
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -72,6 +73,8 @@ class Encoder:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Encode an already-preprocessed batch (N, 3, H, W)."""
+        if self.image_tower is not None:
+            return self.image_tower.encode(pixels.numpy())
         return _normalise([self.model.encode_image(pixels).float()], self.dim)
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
@@ -141,19 +144,32 @@ def quantize_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return model
 
 
-def load_encoder(name: str, pretrained: str | None = None, quantize: str | None = None) -> Encoder:
-    """Load a model for encoding; raise ModelLoadError with the reason instead of guessing."""
+def load_encoder(name: str, pretrained: str | None = None, quantize: str | None = None,
+                 runtime: str = "torch") -> Encoder:
+    """Load a model for encoding; raise ModelLoadError with the reason instead of guessing.
+
+    runtime 'onnx' encodes images with the model's ONNX export run by onnxruntime (quantize 'int8':
+    its dynamic int8 variant); text always runs in torch here (queries use textonnx on their own)."""
     import open_clip
 
+    from .imageonnx import RUNTIMES, image_tower
+
+    if runtime not in RUNTIMES:
+        raise ModelLoadError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if quantize and quantize not in QUANTIZE_MODES:
+        raise ModelLoadError(f"unknown quantisation {quantize!r}; choose from {', '.join(QUANTIZE_MODES)}")
     register_packaged_configs()
     set_torch_threads()
     ref = canonical_ref(name, pretrained)
     model = create_model(ref)
-    if quantize:
+    if quantize and runtime == "torch":
         model = quantize_model(model, quantize)
     preprocess = image_transform(model, is_train=False)
     tokenizer = open_clip.get_tokenizer(resolve_model_name(ref.name))
-    return Encoder(model, preprocess, tokenizer, ref)
+    encoder = Encoder(model, preprocess, tokenizer, ref)
+    if runtime == "onnx":
+        encoder.image_tower = image_tower(encoder, quantize or "fp32")
+    return encoder
 
 
 def image_transform(model: torch.nn.Module, is_train: bool, aug_cfg=None):

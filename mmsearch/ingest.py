@@ -43,7 +43,8 @@ class IngestOptions:
     index_type: str = "auto"
     max_memory: int = DEFAULT_MAX_MEMORY
     wait_for_lock: bool = False
-    quantize: str | None = None  # 'int8': dynamic int8 Linear layers for encoding (CPU speed option)
+    quantize: str | None = None  # 'int8': dynamic int8 image tower (CPU speed option; vectors move slightly)
+    runtime: str = "torch"  # 'onnx': the image tower runs in onnxruntime (exported once per model)
 
 
 @dataclass
@@ -92,12 +93,12 @@ def _open_or_create(index_dir: Path, options: IngestOptions, encoder: Encoder | 
         if options.model and canonical_ref(options.model, options.pretrained) != built_with:
             raise MMSearchError(f"index {index_dir} was built with model {built_with.label()}; "
                                 "use a new --index for another model")
-        encoder = encoder or load_encoder(built_with.name, built_with.pretrained, options.quantize)
+        encoder = encoder or load_encoder(built_with.name, built_with.pretrained, options.quantize, options.runtime)
         return collection, encoder
     if encoder is None:
         name = options.model or DEFAULT_MODEL
         pretrained = options.pretrained if options.model else (options.pretrained or DEFAULT_PRETRAINED)
-        encoder = load_encoder(name, pretrained, options.quantize)
+        encoder = load_encoder(name, pretrained, options.quantize, options.runtime)
     return Collection.create(index_dir, encoder.ref, encoder.dim), encoder
 
 

@@ -13,14 +13,11 @@ on probe texts, vectors within EXPORT_TOLERANCE); anything else falls back to th
 from __future__ import annotations
 
 import gzip
-import hashlib
 import html
 import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
@@ -28,15 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import SHIPPED_MODELS_DIR, ModelRef
+from .config import ModelRef
+from .onnxcache import META_FILE, cache_root, model_key, ort_session, publish, read_meta
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "MMSEARCH_CACHE"
 DISABLE_ENV = "MMSEARCH_FAST_TEXT"  # "0": never use (or write) the ONNX text encoder
 EXPORT_FORMAT = 1  # bump when the exported graph's inputs/outputs change
 ONNX_FILE = "text.onnx"
-META_FILE = "meta.json"
 EXPORT_TOLERANCE = 1e-4  # max |onnx - torch| over normalised vectors of the probe texts
 PROBE_TEXTS = (
     "a red ankle boot", "Ankle boots in RED!", "show me   crimson dresses for sale",
@@ -50,30 +46,8 @@ def enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "1") != "0"
 
 
-def cache_root() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "mmsearch")
-    return Path(root) / "text-onnx"
-
-
-def _file_identity(path: Path) -> list:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-
-
-def model_key(ref: ModelRef) -> str:
-    """Names the export: the model reference plus size and mtime of every local file it reads."""
-    parts: list = [EXPORT_FORMAT, ref.name, ref.pretrained]
-    for value in (ref.name, ref.pretrained):
-        if not value:
-            continue
-        path = Path(value).expanduser()
-        if not path.exists() and (SHIPPED_MODELS_DIR / value).is_dir():
-            path = SHIPPED_MODELS_DIR / value
-        if path.is_dir():
-            parts += [_file_identity(p) for p in sorted(path.iterdir()) if p.is_file()]
-        elif path.is_file():
-            parts.append(_file_identity(path))
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+def export_folder(ref: ModelRef) -> Path:
+    return cache_root("text-onnx") / model_key(ref, "text", EXPORT_FORMAT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +172,7 @@ def load_fast_text_encoder(ref: ModelRef, dim: int) -> FastTextEncoder | None:
     """The verified export for this model, or None (then the caller uses the torch encoder)."""
     if not enabled():
         return None
-    folder = cache_root() / model_key(ref)
+    folder = export_folder(ref)
     if not (folder / META_FILE).is_file():
         return None
     try:
@@ -209,16 +183,10 @@ def load_fast_text_encoder(ref: ModelRef, dim: int) -> FastTextEncoder | None:
 
 
 def load_fast_text_encoder_from(folder: Path, dim: int) -> FastTextEncoder:
-    import onnxruntime as ort
-
-    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    meta = read_meta(folder) or {}
     if meta.get("format") != EXPORT_FORMAT or meta.get("dim") != dim:
         raise ValueError(f"export in {folder} is for another format or dimension")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, os.cpu_count() or 1)
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
-    return FastTextEncoder(session, ClipTokenizer(int(meta["context_length"])), dim)
+    return FastTextEncoder(ort_session(folder / ONNX_FILE), ClipTokenizer(int(meta["context_length"])), dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +198,7 @@ def export_text_encoder(encoder) -> Path | None:
     tokenizer or graph cannot be reproduced exactly (the torch path is then the only path)."""
     if not enabled():
         return None
-    folder = cache_root() / model_key(encoder.ref)
+    folder = export_folder(encoder.ref)
     if (folder / META_FILE).is_file():
         return folder
     context_length = _plain_clip_context_length(encoder.tokenizer)
@@ -243,7 +211,7 @@ def export_text_encoder(encoder) -> Path | None:
         if not np.array_equal(tokenizer(PROBE_TEXTS), expected):
             log.info("fast text path off for %s: tokenizer mismatch", encoder.ref.label())
             return None
-        return _write_export(encoder, tokenizer, folder)
+        return publish(folder, lambda staging: _export(encoder, tokenizer, staging))
     except Exception as exc:  # export is an optimisation: failing it must not fail the index
         log.warning("could not export the text encoder of %s to ONNX (%s); queries use torch",
                     encoder.ref.label(), exc)
@@ -260,7 +228,8 @@ def _plain_clip_context_length(tokenizer) -> int | None:
     return int(tokenizer.context_length)
 
 
-def _write_export(encoder, tokenizer: ClipTokenizer, folder: Path) -> Path | None:
+def _export(encoder, tokenizer: ClipTokenizer, staging: Path) -> dict | None:
+    """Write the graph into staging and check it against torch; the meta to publish, or None."""
     import torch
 
     class TextTower(torch.nn.Module):
@@ -271,37 +240,19 @@ def _write_export(encoder, tokenizer: ClipTokenizer, folder: Path) -> Path | Non
         def forward(self, tokens):
             return self.model.encode_text(tokens)
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".export-"))
-    staging.chmod(0o755)  # mkdtemp makes 0700; the cache is as readable as the indexes that use it
-    try:
-        tokens = torch.from_numpy(tokenizer(PROBE_TEXTS[:2]))
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer notes on shape checks; the probe comparison below is the test
-            torch.onnx.export(TextTower(encoder.model).eval(), (tokens,), str(staging / ONNX_FILE),
-                              input_names=["tokens"], output_names=["vectors"], opset_version=17,
-                              dynamic_axes={"tokens": {0: "batch"}, "vectors": {0: "batch"}}, dynamo=False)
-        meta = {"format": EXPORT_FORMAT, "model": encoder.ref.label(), "dim": encoder.dim,
-                "context_length": tokenizer.context_length}
-        (staging / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-        error = _export_error(encoder, staging)
-        if error > EXPORT_TOLERANCE:
-            log.warning("ONNX text encoder of %s differs from torch by %.2g; not used", encoder.ref.label(), error)
-            return None
-        meta["max_abs_diff"] = error
-        (staging / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-        try:
-            os.rename(staging, folder)  # atomic: readers see no folder or a complete one
-        except OSError:  # another process exported it first
-            if not (folder / META_FILE).is_file():
-                raise
-        return folder
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _export_error(encoder, folder: Path) -> float:
-    fast = load_fast_text_encoder_from(folder, encoder.dim)
-    got = fast.encode_texts(PROBE_TEXTS)
-    want = encoder.encode_texts(PROBE_TEXTS)
-    return float(np.abs(got - want).max())
+    tokens = torch.from_numpy(tokenizer(PROBE_TEXTS[:2]))
+    # grad on: nn.MultiheadAttention's fused inference kernel has no ONNX export, the plain path does
+    with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on shape checks; the probe comparison below is the test
+        torch.onnx.export(TextTower(encoder.model).eval(), (tokens,), str(staging / ONNX_FILE),
+                          input_names=["tokens"], output_names=["vectors"], opset_version=17,
+                          dynamic_axes={"tokens": {0: "batch"}, "vectors": {0: "batch"}}, dynamo=False)
+    meta = {"format": EXPORT_FORMAT, "model": encoder.ref.label(), "dim": encoder.dim,
+            "context_length": tokenizer.context_length}
+    (staging / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+    fast = load_fast_text_encoder_from(staging, encoder.dim)
+    error = float(np.abs(fast.encode_texts(PROBE_TEXTS) - encoder.encode_texts(PROBE_TEXTS)).max())
+    if error > EXPORT_TOLERANCE:
+        log.warning("ONNX text encoder of %s differs from torch by %.2g; not used", encoder.ref.label(), error)
+        return None
+    return {**meta, "max_abs_diff": error}

@@ -61,9 +61,9 @@ def test_key_changes_when_the_weights_file_changes(tmp_path):
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"one")
     ref = textonnx.ModelRef("mmsearch-tiny", str(weights))
-    before = textonnx.model_key(ref)
+    before = textonnx.export_folder(ref)
     weights.write_bytes(b"other bytes")
-    assert textonnx.model_key(ref) != before
+    assert textonnx.export_folder(ref) != before
 
 
 def test_damaged_export_falls_back_to_none(exported, tiny_encoder, caplog):

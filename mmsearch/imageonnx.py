@@ -1,0 +1,98 @@
+"""ONNX Runtime image encoding for ingest: `mmsearch index --runtime onnx [--quantize int8]`.
+
+The image tower is exported once per model (and variant) into the ONNX cache (onnxcache.py) and
+checked against torch on a probe batch before it is used: fp32 must agree within FP32_TOLERANCE;
+int8 (onnxruntime dynamic quantisation: int8 weights, activations quantised per batch, integer
+matmuls that use the CPU's VNNI/AMX units) must keep a mean cosine of INT8_MIN_COSINE with torch's
+vectors. A variant that fails its check is an error, not a silent fallback: the user asked for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelLoadError
+from .onnxcache import cache_root, model_key, ort_session, publish, read_meta
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("torch", "onnx")
+VARIANTS = ("fp32", "int8")
+EXPORT_FORMAT = 1
+FP32_FILE, MODEL_FILE = "image-fp32.onnx", "image.onnx"
+FP32_TOLERANCE = 1e-3  # max |onnx - torch| over normalised probe vectors
+INT8_MIN_COSINE = 0.99  # mean cosine(onnx int8, torch fp32) over the probe batch
+PROBE_BATCH = 8
+
+
+class OnnxImageTower:
+    """pixels (N, 3, H, W) float32 -> L2-normalised float32 vectors."""
+
+    def __init__(self, session, variant: str):
+        self.session, self.variant = session, variant
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        vectors = self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
+        vectors = vectors.astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12
+        return vectors
+
+
+def image_tower(encoder, variant: str = "fp32") -> OnnxImageTower:
+    """The verified ONNX image tower of encoder's model, exporting it on first use."""
+    if variant not in VARIANTS:
+        raise ModelLoadError(f"unknown ONNX variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    folder = cache_root("image-onnx") / model_key(encoder.ref, "image", EXPORT_FORMAT, variant)
+    if read_meta(folder) is None:
+        try:
+            publish(folder, lambda staging: _export(encoder, variant, staging))
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"cannot export the image tower of {encoder.ref.label()} to ONNX: {exc}") from exc
+    return OnnxImageTower(ort_session(folder / MODEL_FILE), variant)
+
+
+def _export(encoder, variant: str, staging: Path) -> dict:
+    import torch
+
+    class ImageTower(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixels):
+            return self.model.encode_image(pixels)
+
+    size = encoder.model.visual.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    probe = torch.from_numpy(np.random.default_rng(0).standard_normal((PROBE_BATCH, 3, *size), dtype=np.float32))
+    fp32_path = staging / (FP32_FILE if variant != "fp32" else MODEL_FILE)
+    # grad on: nn.MultiheadAttention's fused inference kernel has no ONNX export, the plain path does
+    with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes; the probe comparison below is the test
+        torch.onnx.export(ImageTower(encoder.model).eval(), (probe[:1],), str(fp32_path), input_names=["pixels"],
+                          output_names=["vectors"], opset_version=17,
+                          dynamic_axes={"pixels": {0: "batch"}, "vectors": {0: "batch"}}, dynamo=False)
+    if variant == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(fp32_path), str(staging / MODEL_FILE), weight_type=QuantType.QInt8)
+        fp32_path.unlink()
+    want = encoder.encode_pixels(probe)
+    got = OnnxImageTower(ort_session(staging / MODEL_FILE), variant).encode(probe.numpy())
+    cosine = float((got * want).sum(axis=1).mean())
+    max_diff = float(np.abs(got - want).max())
+    if variant == "fp32" and max_diff > FP32_TOLERANCE:
+        raise ModelLoadError(f"ONNX image tower of {encoder.ref.label()} differs from torch by {max_diff:.2g}")
+    if variant == "int8" and cosine < INT8_MIN_COSINE:
+        raise ModelLoadError(f"int8 ONNX image tower of {encoder.ref.label()} drifts too far from fp32 "
+                             f"(mean cosine {cosine:.4f} < {INT8_MIN_COSINE})")
+    log.info("exported the %s ONNX image tower of %s (cosine to torch %.5f)", variant, encoder.ref.label(), cosine)
+    return {"format": EXPORT_FORMAT, "model": encoder.ref.label(), "variant": variant, "dim": encoder.dim,
+            "probe_mean_cosine": cosine, "probe_max_abs_diff": max_diff}
+

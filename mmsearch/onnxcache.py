@@ -1,0 +1,85 @@
+"""The per-machine cache of ONNX exports (text tower for cold queries, image tower for ingest).
+
+An export lives in `$MMSEARCH_CACHE/<kind>/<key>/` (default `~/.cache/mmsearch`), where the key names
+the model: its reference plus the size and mtime of every local file it reads, so retrained weights
+get a new export. A folder is published by one atomic rename once verified, so a reader sees no
+folder or a complete one. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import SHIPPED_MODELS_DIR, ModelRef
+
+CACHE_ENV = "MMSEARCH_CACHE"
+META_FILE = "meta.json"
+
+
+def cache_root(kind: str) -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "mmsearch")
+    return Path(root) / kind
+
+
+def _file_identity(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def model_key(ref: ModelRef, *extra) -> str:
+    """Names an export: the model reference, `extra` (format, variant) and every local file it reads."""
+    parts: list = [*extra, ref.name, ref.pretrained]
+    for value in (ref.name, ref.pretrained):
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if not path.exists() and (SHIPPED_MODELS_DIR / value).is_dir():
+            path = SHIPPED_MODELS_DIR / value
+        if path.is_dir():
+            parts += [_file_identity(p) for p in sorted(path.iterdir()) if p.is_file()]
+        elif path.is_file():
+            parts.append(_file_identity(path))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+def read_meta(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def publish(folder: Path, build: Callable[[Path], dict | None]) -> Path | None:
+    """Run build(staging) in a temp folder beside `folder`; it writes files and returns the meta to
+    record (None: do not publish). Then rename it into place; a concurrent winner is kept."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".export-"))
+    staging.chmod(0o755)  # mkdtemp makes 0700; the cache is as readable as the indexes that use it
+    try:
+        meta = build(staging)
+        if meta is None:
+            return None
+        (staging / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another process published it first
+            if read_meta(folder) is None:
+                raise
+        return folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def ort_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
