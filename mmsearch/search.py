@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 TARGETS = ("image", "text", "item")
 FUSIONS = ("attention", "sum")
 EXACT_FILTER_LIMIT = 20_000  # a filtered set this small is scored exactly (FAISS selectors lose recall)
+EXACT_VECTOR_INDEXES = ("flat", "hnsw")  # their search scores are exact inner products (ivfpq's are PQ estimates)
+DIRECT_MARGIN = 2  # single-part queries re-score this many times k of FAISS's top hits
 SUM_PROBE_DEPTH = 4  # the summed probe of a composed query fetches this many times K'
 NULL_QUERIES = 32  # unrelated queries whose best scores calibrate "no good match"
 NULL_MIX = 3  # catalog vectors averaged into one unrelated query
@@ -196,7 +198,9 @@ class Searcher:
         allowed = filter_ids(self.collection.store, query.where) if query.where else None
         if allowed is not None and len(allowed) == 0:
             return SearchResult(query, [])
-        candidates = self._candidates(vectors, weights, modalities, strategy, query.k, allowed)
+        candidates = self._direct_candidates(vectors, weights, modalities, query.k, allowed)
+        if candidates is None:
+            candidates = self._candidates(vectors, weights, modalities, strategy, query.k, allowed)
         scored = self._score(candidates, vectors, weights, modalities, strategy)
         order = np.argsort(-scored.scores, kind="stable")[: query.k]
         order = [i for i in order if np.isfinite(scored.scores[i])]
@@ -222,6 +226,22 @@ class Searcher:
                 encoded[id(part)] = vec
         vectors = np.stack([encoded[id(p)] for p in parts]).astype(np.float32)
         return vectors, np.array([p.weight for p in parts], dtype=np.float64)
+
+    def _direct_candidates(self, vectors, weights, modalities, k, allowed) -> np.ndarray | None:
+        """One positive part against one modality of an exact-vector index (flat, hnsw): the fused score
+        is then a monotonic function of the inner product FAISS returns, so FAISS's order is the answer
+        and only its top few need their stored vectors (exact scores, explain). K' is still searched,
+        for HNSW's recall. None: the general path applies."""
+        if len(weights) != 1 or weights[0] <= 0 or len(modalities) != 1:
+            return None
+        if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
+            return None
+        index = self.collection.vector_index(modalities[0])
+        if index.params.index_type not in EXACT_VECTOR_INDEXES or index.ntotal == 0:
+            return None
+        _, ids = index.search(vectors, max(self.manifest.fusion.candidates, 4 * k), allowed)
+        ids = ids[0][ids[0] >= 0]
+        return ids[: DIRECT_MARGIN * k]  # a margin for rows removed by a concurrent ingest
 
     def _candidates(self, vectors, weights, modalities, strategy, k, allowed) -> np.ndarray:
         if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:

@@ -64,18 +64,18 @@ def exhaustive(searcher, vectors, weights, modalities, strategy):
 
 @pytest.mark.parametrize("strategy", ["attention", "sum"])
 @pytest.mark.parametrize("target", ["item", "image", "text"])
-def test_fused_top10_equals_exhaustive(synthetic_index, strategy, target):
+@pytest.mark.parametrize("weights", [(1.0, 0.7), (1.0,), (2.5,)])  # one part: the direct FAISS-order path
+def test_fused_top10_equals_exhaustive(synthetic_index, strategy, target, weights):
     path, centers = synthetic_index
     modalities = ["image", "text"] if target == "item" else [target]
     recalls = []
     with Searcher(path) as searcher:
         for seed in range(20):
-            vectors = query_vectors(centers, parts=2, seed=seed)
-            weights = np.array([1.0, 0.7])
-            query = Query(parts=[QueryPart("text", "a"), QueryPart("text", "b", 0.7)], target=target,
-                          fusion=strategy, k=10)
-            got = {h.id for h in searcher.search_vectors(query, vectors, weights).results}
-            want = exhaustive(searcher, vectors, weights, modalities, strategy)
+            vectors = query_vectors(centers, parts=len(weights), seed=seed)
+            parts = [QueryPart("text", f"part{i}", w) for i, w in enumerate(weights)]
+            query = Query(parts=parts, target=target, fusion=strategy, k=10)
+            got = {h.id for h in searcher.search_vectors(query, vectors, np.array(weights)).results}
+            want = exhaustive(searcher, vectors, np.array(weights), modalities, strategy)
             recalls.append(len(got & want) / 10)
     assert np.mean(recalls) >= 0.99, str(recalls)
 
