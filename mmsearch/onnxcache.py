@@ -76,10 +76,26 @@ def publish(folder: Path, build: Callable[[Path], dict | None]) -> Path | None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def ort_session(path: Path, threads: int | None = None):
+def ort_session(path: Path, fast_start: bool = False):
+    """fast_start: no graph optimisation at load (for files from save_ort_format: what a one-query
+    process wants); otherwise all of them (what a long encoding run wants)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
+    options.intra_op_num_threads = max(1, os.cpu_count() or 1)
     options.log_severity_level = 3
+    if fast_start:  # an .ort file saved by save_ort_format is already optimised
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def save_ort_format(onnx_path: Path, ort_path: Path) -> None:
+    """Convert to ORT format with basic (hardware-independent) optimisations, so a new process starts
+    the session without parsing protobuf or optimising the graph again."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(ort_path)
+    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])

@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelRef
-from .onnxcache import META_FILE, cache_root, model_key, ort_session, publish, read_meta
+from .onnxcache import META_FILE, cache_root, model_key, ort_session, publish, read_meta, save_ort_format
 
 log = logging.getLogger(__name__)
 
 DISABLE_ENV = "MMSEARCH_FAST_TEXT"  # "0": never use (or write) the ONNX text encoder
-EXPORT_FORMAT = 1  # bump when the exported graph's inputs/outputs change
-ONNX_FILE = "text.onnx"
+EXPORT_FORMAT = 2  # bump when the exported graph's inputs/outputs change
+ONNX_FILE = "text.onnx"  # the exported graph (deleted once converted)
+ORT_FILE = "text.ort"  # ORT format (flatbuffers, basic optimisations applied): ~40% faster session start
 EXPORT_TOLERANCE = 1e-4  # max |onnx - torch| over normalised vectors of the probe texts
 PROBE_TEXTS = (
     "a red ankle boot", "Ankle boots in RED!", "show me   crimson dresses for sale",
@@ -186,7 +187,8 @@ def load_fast_text_encoder_from(folder: Path, dim: int) -> FastTextEncoder:
     meta = read_meta(folder) or {}
     if meta.get("format") != EXPORT_FORMAT or meta.get("dim") != dim:
         raise ValueError(f"export in {folder} is for another format or dimension")
-    return FastTextEncoder(ort_session(folder / ONNX_FILE), ClipTokenizer(int(meta["context_length"])), dim)
+    session = ort_session(folder / ORT_FILE, fast_start=True)
+    return FastTextEncoder(session, ClipTokenizer(int(meta["context_length"])), dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +249,8 @@ def _export(encoder, tokenizer: ClipTokenizer, staging: Path) -> dict | None:
         torch.onnx.export(TextTower(encoder.model).eval(), (tokens,), str(staging / ONNX_FILE),
                           input_names=["tokens"], output_names=["vectors"], opset_version=17,
                           dynamic_axes={"tokens": {0: "batch"}, "vectors": {0: "batch"}}, dynamo=False)
+    save_ort_format(staging / ONNX_FILE, staging / ORT_FILE)
+    (staging / ONNX_FILE).unlink()
     meta = {"format": EXPORT_FORMAT, "model": encoder.ref.label(), "dim": encoder.dim,
             "context_length": tokenizer.context_length}
     (staging / META_FILE).write_text(json.dumps(meta), encoding="utf-8")

@@ -52,9 +52,9 @@ def test_export_matches_torch_and_is_reused(exported, tiny_encoder):
     assert got.dtype == np.float32 and got.shape == want.shape
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(got, want, atol=1e-4)
-    mtime = (exported / "text.onnx").stat().st_mtime_ns
+    mtime = (exported / "text.ort").stat().st_mtime_ns
     assert textonnx.export_text_encoder(tiny_encoder) == exported  # second call: nothing re-exported
-    assert (exported / "text.onnx").stat().st_mtime_ns == mtime
+    assert (exported / "text.ort").stat().st_mtime_ns == mtime
 
 
 def test_key_changes_when_the_weights_file_changes(tmp_path):
@@ -67,7 +67,7 @@ def test_key_changes_when_the_weights_file_changes(tmp_path):
 
 
 def test_damaged_export_falls_back_to_none(exported, tiny_encoder, caplog):
-    (exported / "text.onnx").write_bytes(b"not an onnx file")
+    (exported / "text.ort").write_bytes(b"not an onnx file")
     assert textonnx.load_fast_text_encoder(tiny_encoder.ref, tiny_encoder.dim) is None
     assert "unusable" in caplog.text
 
