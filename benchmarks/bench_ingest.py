@@ -1,15 +1,15 @@
 """Ingest throughput: files -> vectors + rows, against the bare encoder on already-decoded tensors.
 
-Same model, same images, same batch size, medians of interleaved runs (so load changes hit all alike):
-- bare: encoder forward (torch.inference_mode) on pre-decoded, pre-processed batches;
+Same model (ViT-B-32, random weights: speed only), same images, same batch size, medians of
+interleaved runs (so load changes hit all alike):
+- bare: the image encoder on pre-decoded, pre-processed batches, for each way `mmsearch index` can
+  encode: torch fp32, torch dynamic int8 (`--quantize int8`), ONNX Runtime fp32 (`--runtime onnx`) and
+  ONNX Runtime dynamic int8 (`--runtime onnx --quantize int8`), exported and checked by the library;
 - pipeline: mmsearch.ingest.ingest on the image folder (hash, decode in threads with look-ahead,
-  encode, SQLite rows + vectors per batch, FAISS publish), for 1 and 2 decode threads;
-- options: dynamic int8 Linear layers (`mmsearch index --quantize int8`) and ONNX Runtime (fp32 graph
-  exported locally), each with its speed-up over fp32 and its agreement with fp32 (top-10 overlap of
-  image->image and text->image retrieval on this folder, mean cosine of the vectors);
+  encode, SQLite rows + vectors per batch, FAISS publish), against its own bare encoder;
+- agreement of each option with torch fp32: top-10 overlap of image->image and text->image retrieval
+  and mean cosine, with trained weights (mmsearch-fashion) on the demo catalog's product photos;
 - achieved GFLOP/s of the encoder (FLOPs counted by torch.utils.flop_counter) vs a large fp32 matmul.
-Weights: the shipped trained model mmsearch-fashion when it exists (agreement is meaningful), else
-ViT-B-32 with `--pretrained random` (speed figures are valid, agreement on random weights is not).
 
     python benchmarks/bench_ingest.py            # 192 images 640x480, 3 repeats
     python benchmarks/bench_ingest.py --quick    # 48 images, 1 repeat
@@ -18,7 +18,6 @@ ViT-B-32 with `--pretrained random` (speed figures are valid, agreement on rando
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import shutil
 import statistics
@@ -60,14 +59,6 @@ def make_images(folder: Path, n: int, size=(640, 480), seed: int = 0) -> list[Pa
     return paths
 
 
-def pick_model() -> tuple[str, str | None, bool]:
-    from mmsearch.encoders import shipped_model_dir
-
-    if shipped_model_dir("mmsearch-fashion") is not None:
-        return "mmsearch-fashion", None, True
-    return "ViT-B-32", "random", False
-
-
 def encode_batches(fn, batches) -> float:
     t0 = time.perf_counter()
     for batch in batches:
@@ -86,30 +77,6 @@ def run_pipeline(folder: Path, encoder, batch_size: int, workers: int, tmp: Path
     assert report.added == len(list(folder.glob("*.jpg"))) and not report.failed, report.to_dict()
     shutil.rmtree(index_dir)
     return elapsed
-
-
-def export_onnx(model, image_size: int, path: Path) -> None:
-    import torch
-
-    class Visual(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m.encode_image(x)
-
-    torch.onnx.export(Visual(model), torch.zeros(1, 3, image_size, image_size), str(path), input_names=["input"],
-                      output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                      opset_version=17, dynamo=False)
-
-
-def ort_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -155,105 +122,124 @@ def encoder_flops(model, image_size: int) -> float:
     return float(counter.get_total_flops())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=192)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--no-onnx", action="store_true")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+VARIANTS = {  # name: (runtime, quantize)
+    "torch fp32": ("torch", None),
+    "torch int8": ("torch", "int8"),
+    "onnxruntime fp32": ("onnx", None),
+    "onnxruntime int8": ("onnx", "int8"),
+}
+PIPELINES = {  # name: (variant, decode threads)
+    "pipeline torch fp32, 1 decode thread": ("torch fp32", 1),
+    "pipeline torch fp32, 2 decode threads": ("torch fp32", 2),
+    "pipeline onnxruntime int8, 2 decode threads": ("onnxruntime int8", 2),
+}
+AGREEMENT_MODEL = "mmsearch-fashion"  # trained weights, so top-10 agreement means something
+
+
+def load_variants(name: str, pretrained: str | None) -> dict:
+    from mmsearch.encoders import load_encoder
+
+    return {key: load_encoder(name, pretrained, quantize, runtime) for key, (runtime, quantize) in VARIANTS.items()}
+
+
+def speed(args, tmp: Path) -> dict:
+    import torch
+
+    from mmsearch.images import load_image
+
     n, repeat = (48, 1) if args.quick else (args.images, args.repeat)
+    paths = make_images(tmp / "images", n)
+    encoders = load_variants(args.model, args.pretrained)
+    fp32 = encoders["torch fp32"]
+    t0 = time.perf_counter()
+    pixels = torch.stack([fp32.preprocess(load_image(p)) for p in paths])
+    decode_ms = 1000 * (time.perf_counter() - t0) / n
+    batches = list(torch.split(pixels, args.batch_size))
+    for encoder in encoders.values():  # warm up
+        encoder.encode_pixels(batches[0][:2])
+    runs: dict[str, list[float]] = {k: [] for k in [*VARIANTS, *PIPELINES]}
+    for r in range(repeat):  # interleaved, so load changes hit every variant alike
+        for key, encoder in encoders.items():
+            runs[key].append(encode_batches(encoder.encode_pixels, batches))
+        for key, (variant, workers) in PIPELINES.items():
+            runs[key].append(run_pipeline(tmp / "images", encoders[variant], args.batch_size, workers, tmp))
+        print(f"repeat {r + 1}/{repeat}: " + ", ".join(f"{k} {n / v[-1]:.2f} img/s" for k, v in runs.items()),
+              flush=True)
+    ips = {k: n / statistics.median(v) for k, v in runs.items()}
+    flops = encoder_flops(fp32.model, pixels.shape[-1])
+    return {"model": args.model + (f" --pretrained {args.pretrained}" if args.pretrained else ""), "images": n,
+            "repeat": repeat, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
+            "decode_preprocess_ms_per_image_1thread": decode_ms, "images_per_s": ips,
+            "x_bare_torch_fp32": {k: v / ips["torch fp32"] for k, v in ips.items()},
+            "pipeline_over_its_bare_encoder": {k: ips[k] / ips[v] for k, (v, _) in PIPELINES.items()},
+            "encoder_gflop_per_image": flops / 1e9,
+            "achieved_gflops": {k: flops * ips[k] / 1e9 for k in VARIANTS}}
+
+
+def agreement_on_demo() -> dict | None:
+    """Top-10 agreement with torch fp32 of each variant, with trained weights on real product photos
+    (the demo catalog: 300 Fashion-MNIST items, their captions as text queries)."""
+    import csv
 
     import torch
 
-    from mmsearch.encoders import Encoder, load_encoder, quantize_model
+    from mmsearch.encoders import shipped_model_dir
     from mmsearch.images import load_image
 
-    name, pretrained, trained = pick_model()
+    demo = Path(__file__).parent.parent / "demo" / "catalog.csv"
+    if shipped_model_dir(AGREEMENT_MODEL) is None or not demo.is_file():
+        return None
+    rows = list(csv.DictReader(demo.open(encoding="utf-8")))
+    encoders = load_variants(AGREEMENT_MODEL, None)
+    ref = encoders["torch fp32"]
+    pixels = torch.stack([ref.preprocess(load_image(demo.parent / r["image"])) for r in rows])
+    queries = sorted({r["caption"] for r in rows})
+    ref_img, ref_txt = ref.encode_pixels(pixels), ref.encode_texts(queries)
+    return {key: agreement(ref_img, ref_txt, enc.encode_pixels(pixels), enc.encode_texts(queries))
+            for key, enc in encoders.items() if key != "torch fp32"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--pretrained", default="random", help="speed only: random weights are fine")
+    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mmsearch-bench-ingest-"))
+    os.environ.setdefault("MMSEARCH_CACHE", str(tmp / "cache"))  # ONNX exports: made fresh, not timed
     try:
-        paths = make_images(tmp / "images", n)
-        encoder = load_encoder(name, pretrained)
-        int8 = Encoder(quantize_model(copy.deepcopy(encoder.model), "int8"), encoder.preprocess, encoder.tokenizer,
-                       encoder.ref)
-        t0 = time.perf_counter()
-        pixels = torch.stack([encoder.preprocess(load_image(p)) for p in paths])
-        decode_ms = 1000 * (time.perf_counter() - t0) / n
-        batches = list(torch.split(pixels, args.batch_size))
-        image_size = pixels.shape[-1]
-        variants = {"fp32": encoder.encode_pixels, "int8": int8.encode_pixels}
-        if not args.no_onnx:
-            onnx_path = tmp / "visual.onnx"
-            export_onnx(encoder.model, image_size, onnx_path)
-            session = ort_session(onnx_path)
-            variants["onnxruntime"] = lambda b: normalise(session.run(None, {"input": b.numpy()})[0])
-        for fn in variants.values():  # warm up
-            fn(batches[0][:2])
-        runs: dict[str, list[float]] = {k: [] for k in [*variants, "pipeline_w1", "pipeline_w2", "pipeline_int8_w1"]}
-        for r in range(repeat):  # interleaved
-            for key, fn in variants.items():
-                runs[key].append(encode_batches(fn, batches))
-            runs["pipeline_w1"].append(run_pipeline(tmp / "images", encoder, args.batch_size, 1, tmp))
-            runs["pipeline_w2"].append(run_pipeline(tmp / "images", encoder, args.batch_size, 2, tmp))
-            runs["pipeline_int8_w1"].append(run_pipeline(tmp / "images", int8, args.batch_size, 1, tmp))
-            print(f"repeat {r + 1}/{repeat}: " + ", ".join(f"{k} {n / v[-1]:.2f} img/s" for k, v in runs.items()),
-                  flush=True)
-        ips = {k: n / statistics.median(v) for k, v in runs.items()}
-        ref_img = np.concatenate([variants["fp32"](b) for b in batches])
-        ref_txt = encoder.encode_texts(QUERIES)
-        agree = {"int8": agreement(ref_img, ref_txt, np.concatenate([int8.encode_pixels(b) for b in batches]),
-                                   int8.encode_texts(QUERIES))}
-        if "onnxruntime" in variants:
-            agree["onnxruntime"] = agreement(ref_img, ref_txt,
-                                             np.concatenate([variants["onnxruntime"](b) for b in batches]), ref_txt)
-        flops = encoder_flops(encoder.model, image_size)
-        peak = matmul_gflops()
+        result = {"machine": machine(), "image_size_on_disk": "640x480 JPEG q90", **speed(args, tmp)}
+        result["agreement_with_torch_fp32"] = agreement_on_demo()
+        result["matmul_fp32_gflops"] = matmul_gflops()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    result["achieved_over_matmul"] = {k: v / result["matmul_fp32_gflops"] for k, v in result["achieved_gflops"].items()}
+    write_results("bench_ingest_quick" if args.quick else "bench_ingest", result, report(result))
 
-    result = {
-        "machine": machine(), "model": f"{name}" + (f" --pretrained {pretrained}" if pretrained else ""),
-        "trained_weights": trained, "images": n, "image_size_on_disk": "640x480 JPEG q90",
-        "batch_size": args.batch_size, "repeat": repeat, "torch_threads": torch.get_num_threads(),
-        "decode_preprocess_ms_per_image_1thread": decode_ms,
-        "images_per_s": ips,
-        "pipeline_over_bare": {k: ips[k] / ips["fp32"] for k in ("pipeline_w1", "pipeline_w2")},
-        "pipeline_int8_over_bare_int8": ips["pipeline_int8_w1"] / ips["int8"],
-        "speedup_over_fp32": {k: ips[k] / ips["fp32"] for k in variants if k != "fp32"},
-        "agreement_with_fp32": agree,
-        "encoder_gflop_per_image": flops / 1e9,
-        "achieved_gflops": {k: flops * ips[k] / 1e9 for k in variants},
-        "matmul_fp32_gflops": peak,
-    }
-    result["achieved_over_matmul"] = {k: v / peak for k, v in result["achieved_gflops"].items()}
-    note = ("" if trained else " (RANDOM weights: agreement figures are not meaningful; no trained "
-            "mmsearch-fashion under mmsearch/models/)")
-    rows = [["bare fp32 (decoded tensors)", f"{ips['fp32']:.2f}", "1.00", f"{result['achieved_gflops']['fp32']:.0f}"],
-            ["pipeline fp32, 1 decode thread", f"{ips['pipeline_w1']:.2f}",
-             f"{result['pipeline_over_bare']['pipeline_w1']:.3f}", "-"],
-            ["pipeline fp32, 2 decode threads", f"{ips['pipeline_w2']:.2f}",
-             f"{result['pipeline_over_bare']['pipeline_w2']:.3f}", "-"],
-            ["bare int8 dynamic", f"{ips['int8']:.2f}", f"{result['speedup_over_fp32']['int8']:.3f}",
-             f"{result['achieved_gflops']['int8']:.0f}"],
-            ["pipeline int8, 1 decode thread", f"{ips['pipeline_int8_w1']:.2f}",
-             f"{ips['pipeline_int8_w1'] / ips['fp32']:.3f}", "-"]]
-    if "onnxruntime" in ips:
-        rows.append(["bare onnxruntime fp32", f"{ips['onnxruntime']:.2f}",
-                     f"{result['speedup_over_fp32']['onnxruntime']:.3f}",
-                     f"{result['achieved_gflops']['onnxruntime']:.0f}"])
-    text = (f"Ingest, {result['model']}{note}, {n} images 640x480 JPEG, batch {args.batch_size}, "
-            f"torch threads {torch.get_num_threads()}, median of {repeat} interleaved runs\n"
-            + fmt_table(["variant", "images/s", "x bare fp32", "GFLOP/s"], rows)
-            + f"\n\nencoder {result['encoder_gflop_per_image']:.2f} GFLOP/image; "
-            f"fp32 matmul 2048^3: {peak:.0f} GFLOP/s "
-            f"-> encoder fp32 reaches {result['achieved_over_matmul']['fp32']:.2f} of it"
-            f"\ndecode+preprocess: {decode_ms:.1f} ms/image on one thread"
-            f"\npipeline int8 / bare int8: {result['pipeline_int8_over_bare_int8']:.3f}\n"
-            + fmt_table(["option", "img->img top10 overlap", "text->img top10 overlap", "mean cos"],
-                        [[k, f"{v['image_to_image_top10_overlap']:.3f}", f"{v['text_to_image_top10_overlap']:.3f}",
-                          f"{v['mean_cosine_image_vectors']:.4f}"] for k, v in agree.items()]))
-    write_results("bench_ingest_quick" if args.quick else "bench_ingest", result, text)
+
+def report(result: dict) -> str:
+    ips, ratio, gflops = result["images_per_s"], result["x_bare_torch_fp32"], result["achieved_gflops"]
+    rows = [[k, f"{ips[k]:.2f}", f"{ratio[k]:.3f}", f"{gflops[k]:.0f}"] for k in VARIANTS]
+    rows += [[k, f"{ips[k]:.2f}", f"{ratio[k]:.3f}",
+              f"{result['pipeline_over_its_bare_encoder'][k]:.3f} of bare {PIPELINES[k][0]}"] for k in PIPELINES]
+    text = (f"Ingest, {result['model']}, {result['images']} images 640x480 JPEG, batch {result['batch_size']}, "
+            f"torch threads {result['torch_threads']}, median of {result['repeat']} interleaved runs\n"
+            + fmt_table(["variant", "images/s", "x bare torch fp32", "GFLOP/s | pipeline / bare"], rows)
+            + f"\n\nencoder {result['encoder_gflop_per_image']:.2f} GFLOP/image; fp32 matmul 2048^3: "
+            f"{result['matmul_fp32_gflops']:.0f} GFLOP/s -> torch fp32 encoder reaches "
+            f"{result['achieved_over_matmul']['torch fp32']:.2f} of it"
+            f"\ndecode+preprocess: {result['decode_preprocess_ms_per_image_1thread']:.1f} ms/image on one thread")
+    agree = result["agreement_with_torch_fp32"]
+    if agree:
+        text += (f"\n\nAgreement with torch fp32, {AGREEMENT_MODEL} (trained) on demo/ (300 product photos, "
+                 "their captions as queries)\n"
+                 + fmt_table(["variant", "img->img top10 overlap", "text->img top10 overlap", "mean cos"],
+                             [[k, f"{v['image_to_image_top10_overlap']:.3f}", f"{v['text_to_image_top10_overlap']:.3f}",
+                               f"{v['mean_cosine_image_vectors']:.4f}"] for k, v in agree.items()]))
+    return text
 
 
 if __name__ == "__main__":

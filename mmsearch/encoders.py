@@ -137,10 +137,14 @@ def quantize_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     text each). Vectors move slightly: benchmarks/bench_ingest.py reports the speed-up and top-10 agreement."""
     if mode not in QUANTIZE_MODES:
         raise ModelLoadError(f"unknown quantisation {mode!r}; choose from {', '.join(QUANTIZE_MODES)}")
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
     model.eval()
-    model.visual = quantize_dynamic(model.visual, {torch.nn.Linear}, dtype=torch.qint8)
+    # exact nn.Linear only (nn.MultiheadAttention's out_proj subclass is read as raw weights), and not
+    # ModifiedResNet's attention pool, which reads its projections' .weight/.bias directly
+    linears = {name: default_dynamic_qconfig for name, module in model.visual.named_modules()
+               if type(module) is torch.nn.Linear and not name.startswith("attnpool")}
+    model.visual = quantize_dynamic(model.visual, linears, dtype=torch.qint8)
     return model
 
 

@@ -172,14 +172,16 @@ def test_reindex_refuses_while_locked(tmp_path):
         collection.close()
 
 
-def test_int8_option_keeps_vectors_close():
-    """`--quantize int8` (image tower Linear layers): vectors move only slightly; text still encodes."""
+@pytest.mark.parametrize("model,pretrained", [("mmsearch-tiny", "random"), ("mmsearch-fashion", None)])
+def test_int8_option_keeps_vectors_close(model, pretrained):
+    """`--quantize int8` (image tower Linear layers): vectors move only slightly; text still encodes.
+    mmsearch-fashion is a ModifiedResNet, whose attention pool must stay fp32 (it reads raw weights)."""
     import torch
 
     from mmsearch.encoders import load_encoder
 
-    fp32 = load_encoder("mmsearch-tiny", "random")
-    int8 = load_encoder("mmsearch-tiny", "random", quantize="int8")
+    fp32 = load_encoder(model, pretrained)
+    int8 = load_encoder(model, pretrained, quantize="int8")
     size = fp32.model.visual.image_size
     pixels = torch.rand(4, 3, *(size if isinstance(size, (tuple, list)) else (size, size)))
     cos = (fp32.encode_pixels(pixels) * int8.encode_pixels(pixels)).sum(1)
