@@ -61,6 +61,8 @@ class Encoder:
         self.ref = ref
         self.dim = int(_embed_dim(model))
         self.image_tower = None  # an imageonnx.OnnxImageTower when loaded with runtime="onnx"
+        size = model.visual.image_size
+        self.input_side = int(min(size) if isinstance(size, (tuple, list)) else size)  # decode images to >= this
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
 import warnings
@@ -59,14 +60,20 @@ def _check_regular(st: os.stat_result, path, label: str) -> None:
                                f"{MAX_IMAGE_BYTES:,}): {path}")
 
 
-def load_image(path: str | Path, item: str | None = None) -> Image.Image:
-    """Decode fully to RGB: first frame of animations, EXIF orientation honoured, bombs refused."""
+def load_image(path: str | Path, item: str | None = None, min_side: int | None = None) -> Image.Image:
+    """Decode to RGB: first frame of animations, EXIF orientation honoured, bombs refused.
+
+    min_side: the encoder's input size. A JPEG is then decoded by libjpeg at the smallest 1/2, 1/4 or
+    1/8 scale whose shorter side stays >= min_side (DCT-domain scaling, a proper low-pass): the encoder
+    shrinks it to min_side anyway, and decoding a 12-megapixel photo this way is several times faster."""
     label = item or str(path)
     try:
         with open_image_file(path, label) as fh, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fh) as img:
                 img.seek(0)
+                if min_side:
+                    _draft(img, min_side)
                 img.load()
                 return _limit_aspect(_to_rgb(_exif_upright(img, label)))
     except ItemError:
@@ -79,6 +86,14 @@ def load_image(path: str | Path, item: str | None = None) -> Image.Image:
         raise ItemError(label, f"unreadable or truncated image {path}: {exc}") from exc
     except Exception as exc:  # hostile files reach decoder paths that raise anything (struct.error, ...)
         raise ItemError(label, f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _draft(img: Image.Image, min_side: int) -> None:
+    width, height = img.size
+    shorter = min(width, height)
+    if img.format == "JPEG" and shorter > 2 * min_side:
+        scale = shorter / min_side  # draft keeps both sides >= the requested ones
+        img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
 
 
 def _exif_upright(img: Image.Image, label: str) -> Image.Image:

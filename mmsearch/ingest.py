@@ -188,8 +188,8 @@ def _decoded_batches(plan, encoder, batch_size, pool, report) -> Iterator[tuple[
     lookahead = 3
 
     def submit(batch):
-        return [pool.submit(_decode, w, encoder.preprocess) if w.encode_image and w.item.image else None
-                for w in batch]
+        return [pool.submit(_decode, w, encoder.preprocess, encoder.input_side) if w.encode_image and w.item.image
+                else None for w in batch]
 
     for i in range(min(lookahead, len(batches))):
         pending.append(submit(batches[i]))
@@ -210,9 +210,9 @@ def _decoded_batches(plan, encoder, batch_size, pool, report) -> Iterator[tuple[
         yield len(batch), kept, (pixels, [k for k, _ in tensors])
 
 
-def _decode(work: _Work, preprocess) -> torch.Tensor | ItemError:
+def _decode(work: _Work, preprocess, input_side: int) -> torch.Tensor | ItemError:
     try:
-        return preprocess(load_image(work.item.image, work.item.key))
+        return preprocess(load_image(work.item.image, work.item.key, min_side=input_side))
     except ItemError as exc:
         return exc
     except Exception as exc:  # a transform failing on a strange image is an item problem, not a crash

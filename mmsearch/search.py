@@ -220,7 +220,7 @@ class Searcher:
                 encoded[id(part)] = vec
         if images:
             try:
-                pictures = [load_image(p.value) for p in images]
+                pictures = [load_image(p.value, min_side=self.encoder.input_side) for p in images]
             except ItemError as exc:
                 raise QueryError(f"query image {exc.item}: {exc.reason}") from exc
             for part, vec in zip(images, self.encoder.encode_images(pictures)):
