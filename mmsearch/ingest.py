@@ -162,23 +162,35 @@ def _hash_item(item: CatalogItem) -> tuple[str | None, str | None] | ItemError:
 
 
 def _encode_and_write(collection, encoder, plan, options, pool, report, progress) -> None:
+    """Encode batch after batch; each batch's rows are committed by a writer thread while the next
+    batch encodes (SQLite's fsync no longer stalls the encoder). At most one commit is in flight and
+    commits stay in batch order, so a killed run still leaves a prefix of whole batches."""
     total, done = len(plan), 0
     progress("encoding", 0, total)
-    for size, batch, pixels in _decoded_batches(plan, encoder, options.batch_size, pool, report):
-        image_vecs = _encode_images(encoder, batch, pixels)
-        text_rows = [w for w in batch if w.encode_text and w.item.caption]  # a removed caption: no vector
-        text_vecs = encoder.encode_texts([w.item.caption for w in text_rows]) if text_rows else []
-        text_by_key = {w.item.key: v for w, v in zip(text_rows, text_vecs)}
-        records = [_record(w, image_vecs.get(w.item.key), text_by_key.get(w.item.key)) for w in batch]
-        if records:
-            collection.store.write_batch(records)
-        for w in batch:
-            if w.is_new:
-                report.added += 1
-            else:
-                report.updated += 1
-        done += size
-        progress("encoding", min(done, total), total)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        in_flight = None
+        for size, batch, pixels in _decoded_batches(plan, encoder, options.batch_size, pool, report):
+            image_vecs = _encode_images(encoder, batch, pixels)
+            text_rows = [w for w in batch if w.encode_text and w.item.caption]  # a removed caption: no vector
+            text_vecs = encoder.encode_texts([w.item.caption for w in text_rows]) if text_rows else []
+            text_by_key = {w.item.key: v for w, v in zip(text_rows, text_vecs)}
+            records = [_record(w, image_vecs.get(w.item.key), text_by_key.get(w.item.key)) for w in batch]
+            if in_flight is not None:
+                in_flight.result()  # re-raises a failed commit before anything later is written
+            in_flight = writer.submit(_commit, collection, records, batch, report) if records else None
+            done += size
+            progress("encoding", min(done, total), total)
+        if in_flight is not None:
+            in_flight.result()
+
+
+def _commit(collection, records: list[ItemRecord], batch: list[_Work], report: IngestReport) -> None:
+    collection.store.write_batch(records)
+    for w in batch:
+        if w.is_new:
+            report.added += 1
+        else:
+            report.updated += 1
 
 
 def _decoded_batches(plan, encoder, batch_size, pool, report) -> Iterator[tuple[int, list[_Work], tuple]]:
