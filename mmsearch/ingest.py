@@ -31,6 +31,7 @@ from .textonnx import export_text_encoder
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+DECODE_LOOKAHEAD = 3  # batches decoded ahead of the encoder (0: each batch decodes after the previous encodes)
 
 
 @dataclass
@@ -196,19 +197,17 @@ def _commit(collection, records: list[ItemRecord], batch: list[_Work], report: I
 def _decoded_batches(plan, encoder, batch_size, pool, report) -> Iterator[tuple[int, list[_Work], tuple]]:
     """Yield (batch, pixels) while the next batches decode in the pool (bounded look-ahead)."""
     batches = [plan[i : i + batch_size] for i in range(0, len(plan), batch_size)]
-    pending = []
-    lookahead = 3
+    lookahead = DECODE_LOOKAHEAD
 
     def submit(batch):
         return [pool.submit(_decode, w, encoder.preprocess, encoder.input_side) if w.encode_image and w.item.image
                 else None for w in batch]
 
-    for i in range(min(lookahead, len(batches))):
-        pending.append(submit(batches[i]))
+    pending = [submit(batch) for batch in batches[:lookahead]]
     for i, batch in enumerate(batches):
-        futures = pending.pop(0)
         if i + lookahead < len(batches):
             pending.append(submit(batches[i + lookahead]))
+        futures = pending.pop(0)
         kept, tensors = [], []
         for work, future in zip(batch, futures):
             if future is not None:
