@@ -17,8 +17,11 @@ interleaved runs (so load changes hit all alike):
 
 from __future__ import annotations
 
-import argparse
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `mmsearch index` (cli.py) sets it; before torch loads
+
+import argparse  # noqa: E402
 import shutil
 import statistics
 import sys

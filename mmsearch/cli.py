@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from .errors import MMSearchError
+
+# OpenMP threads that spin after each parallel region steal the cores that decode images during
+# `index` (measured: pipeline / bare encoder 0.85 spinning, 0.92 passive) and cost nothing measurable
+# on ViT-sized ops. libgomp reads this once, when torch is first imported (always later, lazily, here).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 INDEX_HELP = "Index name (under ./indexes or $MMSEARCH_HOME) or a path containing '/'."
 FORMATS = click.Choice(["table", "json"])
