@@ -84,17 +84,17 @@ def test_searches_during_an_ingest_never_fail(tmp_path, tiny_encoder):
 
     old = Searcher(index, encoder=tiny_encoder)
     writer = subprocess.Popen([sys.executable, "-m", "mmsearch", "index", str(csv), "--index", str(index),
-                               "--batch-size", "8", "-q", "--format", "json"], stdout=subprocess.PIPE,
+                               "--batch-size", "2", "-q", "--format", "json"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": _pythonpath()})
     searches, seen_writer, refused = 0, False, False
     try:
         while writer.poll() is None:
             seen_writer |= old.collection.writer_active()
+            if seen_writer and not refused:  # first, while the writer surely still runs (small batches)
+                refused = _second_writer_is_refused(csv, index, writer.pid)
             searches += _search_all(old, keys)
             with Searcher(index, encoder=tiny_encoder) as fresh:
                 searches += _search_all(fresh, keys)
-            if seen_writer and not refused:
-                refused = _second_writer_is_refused(csv, index, writer.pid)
         out, err = writer.communicate(timeout=120)
     finally:
         if writer.poll() is None:
