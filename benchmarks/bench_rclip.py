@@ -51,29 +51,17 @@ def export_rclip_models(datadir: Path) -> None:
     import open_clip
     import torch
 
+    from mmsearch.onnxcache import export_method
+
     torch.manual_seed(0)
     model = open_clip.create_model(ARCH, pretrained=None).eval()
     target = datadir / RCLIP_SUBDIR
     target.mkdir(parents=True, exist_ok=True)
 
-    class Visual(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m.encode_image(x)
-
-    class Textual(Visual):
-        def forward(self, x):
-            return self.m.encode_text(x)
-
-    axes = {"input": {0: "batch"}, "output": {0: "batch"}}
-    torch.onnx.export(Visual(model), torch.zeros(1, 3, 256, 256), str(target / "visual.onnx"), input_names=["input"],
-                      output_names=["output"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    # rclip's file layout: input 'input', output 'output'
+    export_method(model, "encode_image", torch.zeros(1, 3, 256, 256), target / "visual.onnx", "input", "output")
     tokens = open_clip.get_tokenizer(ARCH)(["a photo"])
-    torch.onnx.export(Textual(model), tokens, str(target / "textual.onnx"), input_names=["input"],
-                      output_names=["output"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    export_method(model, "encode_text", tokens, target / "textual.onnx", "input", "output")
     vocab = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     (datadir / "tokenizer").mkdir(exist_ok=True)
     shutil.copy(vocab, datadir / "tokenizer" / vocab.name)

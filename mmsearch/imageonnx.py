@@ -10,13 +10,12 @@ vectors. A variant that fails its check is an error, not a silent fallback: the 
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ModelLoadError
-from .onnxcache import cache_root, model_key, ort_session, publish, read_meta
+from .onnxcache import cache_root, export_method, l2_normalised, model_key, ort_session, publish, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +35,7 @@ class OnnxImageTower:
         self.session, self.variant = session, variant
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        vectors = self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
-        vectors = vectors.astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12
-        return vectors
+        return l2_normalised(self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0])
 
 
 def image_tower(encoder, variant: str = "fp32") -> OnnxImageTower:
@@ -60,24 +56,11 @@ def image_tower(encoder, variant: str = "fp32") -> OnnxImageTower:
 def _export(encoder, variant: str, staging: Path) -> dict:
     import torch
 
-    class ImageTower(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixels):
-            return self.model.encode_image(pixels)
-
     size = encoder.model.visual.image_size
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     probe = torch.from_numpy(np.random.default_rng(0).standard_normal((PROBE_BATCH, 3, *size), dtype=np.float32))
     fp32_path = staging / (FP32_FILE if variant != "fp32" else MODEL_FILE)
-    # grad on: nn.MultiheadAttention's fused inference kernel has no ONNX export, the plain path does
-    with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer notes; the probe comparison below is the test
-        torch.onnx.export(ImageTower(encoder.model).eval(), (probe[:1],), str(fp32_path), input_names=["pixels"],
-                          output_names=["vectors"], opset_version=17,
-                          dynamic_axes={"pixels": {0: "batch"}, "vectors": {0: "batch"}}, dynamo=False)
+    export_method(encoder.model, "encode_image", probe[:1], fp32_path, "pixels")
     if variant == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 

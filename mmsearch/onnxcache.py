@@ -13,8 +13,11 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from .config import SHIPPED_MODELS_DIR, ModelRef
 
@@ -99,3 +102,29 @@ def save_ort_format(onnx_path: Path, ort_path: Path) -> None:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(ort_path)
     ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def export_method(model, method: str, example, path: Path, input_name: str, output_name: str = "vectors") -> None:
+    """Export `model.<method>(x)` (encode_text / encode_image) to ONNX with a dynamic batch axis."""
+    import torch
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return getattr(self.model, method)(x)
+
+    # grad on: nn.MultiheadAttention's fused inference kernel has no ONNX export, the plain path does
+    with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on shape checks; callers compare outputs with torch
+        torch.onnx.export(Tower().eval(), (example,), str(path), input_names=[input_name],
+                          output_names=[output_name], opset_version=17, dynamo=False,
+                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+
+
+def l2_normalised(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, float32 and contiguous (what every encoder returns)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return np.ascontiguousarray(vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12))

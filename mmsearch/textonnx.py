@@ -18,7 +18,6 @@ import importlib.util
 import json
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelRef
-from .onnxcache import META_FILE, cache_root, model_key, ort_session, publish, read_meta, save_ort_format
+from .onnxcache import (
+    META_FILE,
+    cache_root,
+    export_method,
+    l2_normalised,
+    model_key,
+    ort_session,
+    publish,
+    read_meta,
+    save_ort_format,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +173,7 @@ class FastTextEncoder:
                   for i in range(0, len(texts), batch_size)]
         if not chunks:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = np.concatenate(chunks).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12
-        return np.ascontiguousarray(vectors)
+        return l2_normalised(np.concatenate(chunks))
 
 
 def load_fast_text_encoder(ref: ModelRef, dim: int) -> FastTextEncoder | None:
@@ -234,21 +241,8 @@ def _export(encoder, tokenizer: ClipTokenizer, staging: Path) -> dict | None:
     """Write the graph into staging and check it against torch; the meta to publish, or None."""
     import torch
 
-    class TextTower(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, tokens):
-            return self.model.encode_text(tokens)
-
     tokens = torch.from_numpy(tokenizer(PROBE_TEXTS[:2]))
-    # grad on: nn.MultiheadAttention's fused inference kernel has no ONNX export, the plain path does
-    with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer notes on shape checks; the probe comparison below is the test
-        torch.onnx.export(TextTower(encoder.model).eval(), (tokens,), str(staging / ONNX_FILE),
-                          input_names=["tokens"], output_names=["vectors"], opset_version=17,
-                          dynamic_axes={"tokens": {0: "batch"}, "vectors": {0: "batch"}}, dynamo=False)
+    export_method(encoder.model, "encode_text", tokens, staging / ONNX_FILE, "tokens")
     save_ort_format(staging / ONNX_FILE, staging / ORT_FILE)
     (staging / ONNX_FILE).unlink()
     meta = {"format": EXPORT_FORMAT, "model": encoder.ref.label(), "dim": encoder.dim,
