@@ -159,6 +159,7 @@ def load_encoder(name: str, pretrained: str | None = None, quantize: str | None 
     import open_clip
 
     from .imageonnx import RUNTIMES, image_tower
+    from .pixels import fast_preprocess
 
     if runtime not in RUNTIMES:
         raise ModelLoadError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
@@ -171,6 +172,7 @@ def load_encoder(name: str, pretrained: str | None = None, quantize: str | None 
     if quantize and runtime == "torch":
         model = quantize_model(model, quantize)
     preprocess = image_transform(model, is_train=False)
+    preprocess = fast_preprocess(preprocess) or preprocess
     tokenizer = open_clip.get_tokenizer(resolve_model_name(ref.name))
     encoder = Encoder(model, preprocess, tokenizer, ref)
     if runtime == "onnx":

@@ -10,6 +10,8 @@ vectors. A variant that fails its check is an error, not a silent fallback: the 
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +28,37 @@ FP32_FILE, MODEL_FILE = "image-fp32.onnx", "image.onnx"
 FP32_TOLERANCE = 1e-3  # max |onnx - torch| over normalised probe vectors
 INT8_MIN_COSINE = 0.99  # mean cosine(onnx int8, torch fp32) over the probe batch
 PROBE_BATCH = 8
+MAX_STREAMS = 4  # concurrent runs of the session per batch; the cores are shared out among them
+
+
+def stream_layout(cores: int | None = None) -> tuple[int, int]:
+    """(streams, threads per stream) for this machine.
+
+    A batch is split into `streams` slices run concurrently on one session (shared weights), each with
+    its own intra-op threads. On few cores one thread per stream wins twice: no per-operator barrier
+    between threads (a decode thread preempting one of them stalled every operator of the other), and
+    bigger matmuls per thread. Measured on 2 cores: 2 streams x 1 thread 94-100 img/s, 1 x 2: 84-86."""
+    cores = max(1, cores or os.cpu_count() or 1)
+    streams = min(cores, MAX_STREAMS)
+    return streams, max(1, cores // streams)
 
 
 class OnnxImageTower:
     """pixels (N, 3, H, W) float32 -> L2-normalised float32 vectors."""
 
-    def __init__(self, session, variant: str):
-        self.session, self.variant = session, variant
+    def __init__(self, session, variant: str, streams: int = 1):
+        self.session, self.variant, self.streams = session, variant, streams
+        self._pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="onnx-stream") if streams > 1 else None
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        return l2_normalised(self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0])
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        slices = np.array_split(pixels, min(self.streams, len(pixels))) if len(pixels) else [pixels]
+        if self._pool is None or len(slices) == 1:
+            return l2_normalised(self._run(pixels))
+        return l2_normalised(np.concatenate(list(self._pool.map(self._run, slices))))
+
+    def _run(self, pixels: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"pixels": np.ascontiguousarray(pixels)})[0]
 
 
 def image_tower(encoder, variant: str = "fp32") -> OnnxImageTower:
@@ -50,7 +73,8 @@ def image_tower(encoder, variant: str = "fp32") -> OnnxImageTower:
             raise
         except Exception as exc:
             raise ModelLoadError(f"cannot export the image tower of {encoder.ref.label()} to ONNX: {exc}") from exc
-    return OnnxImageTower(ort_session(folder / MODEL_FILE), variant)
+    streams, threads = stream_layout()
+    return OnnxImageTower(ort_session(folder / MODEL_FILE, threads=threads), variant, streams)
 
 
 def _export(encoder, variant: str, staging: Path) -> dict:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 DECODE_LOOKAHEAD = 3  # batches decoded ahead of the encoder (0: each batch decodes after the previous encodes)
+FIRST_BATCH_DIVISOR = 8  # the first batch is this much smaller, so the encoder starts after a few decodes
 
 
 @dataclass
@@ -195,35 +196,49 @@ def _commit(collection, records: list[ItemRecord], batch: list[_Work], report: I
 
 
 def _decoded_batches(plan, encoder, batch_size, pool, report) -> Iterator[tuple[int, list[_Work], tuple]]:
-    """Yield (batch, pixels) while the next batches decode in the pool (bounded look-ahead)."""
-    batches = [plan[i : i + batch_size] for i in range(0, len(plan), batch_size)]
-    lookahead = DECODE_LOOKAHEAD
+    """Yield (batch, pixels) while the next batches decode in the pool (bounded look-ahead).
+
+    Each batch is also collated (stacked and normalised) in the pool, so the encoding thread only
+    ever waits for pixels that are not decoded yet. The pool runs jobs in submission order, so a
+    batch's collate job starts only after its decode jobs have started: it cannot wait on a job
+    queued behind it."""
+    first = max(1, batch_size // FIRST_BATCH_DIVISOR)
+    batches = [b for b in [plan[:first]] + [plan[i : i + batch_size] for i in range(first, len(plan), batch_size)] if b]
+    prepare = getattr(encoder.preprocess, "prepare", encoder.preprocess)  # pixels.FastPreprocess: uint8
+    collate = getattr(encoder.preprocess, "collate", torch.stack)
 
     def submit(batch):
-        return [pool.submit(_decode, w, encoder.preprocess, encoder.input_side) if w.encode_image and w.item.image
-                else None for w in batch]
+        decodes = [pool.submit(_decode, w, prepare, encoder.input_side) if w.encode_image and w.item.image
+                   else None for w in batch]
+        return pool.submit(_assemble, batch, decodes, collate)
 
-    pending = [submit(batch) for batch in batches[:lookahead]]
+    pending = [submit(batch) for batch in batches[:DECODE_LOOKAHEAD]]
     for i, batch in enumerate(batches):
-        if i + lookahead < len(batches):
-            pending.append(submit(batches[i + lookahead]))
-        futures = pending.pop(0)
-        kept, tensors = [], []
-        for work, future in zip(batch, futures):
-            if future is not None:
-                result = future.result()
-                if isinstance(result, ItemError):
-                    report.failed.append(result)
-                    continue
-                tensors.append((work.item.key, result))
-            kept.append(work)
-        pixels = torch.stack([t for _, t in tensors]) if tensors else None
-        yield len(batch), kept, (pixels, [k for k, _ in tensors])
+        if i + DECODE_LOOKAHEAD < len(batches):
+            pending.append(submit(batches[i + DECODE_LOOKAHEAD]))
+        kept, failed, pixels_and_keys = pending.pop(0).result()
+        report.failed.extend(failed)
+        yield len(batch), kept, pixels_and_keys
 
 
-def _decode(work: _Work, preprocess, input_side: int) -> torch.Tensor | ItemError:
+def _assemble(batch: list[_Work], decodes: list, collate):
+    """(works kept, ItemErrors, (pixels or None, their keys)) once the batch's decodes are done."""
+    kept, failed, tensors = [], [], []
+    for work, future in zip(batch, decodes):
+        if future is not None:
+            result = future.result()
+            if isinstance(result, ItemError):
+                failed.append(result)
+                continue
+            tensors.append((work.item.key, result))
+        kept.append(work)
+    pixels = collate([t for _, t in tensors]) if tensors else None
+    return kept, failed, (pixels, [k for k, _ in tensors])
+
+
+def _decode(work: _Work, prepare, input_side: int) -> torch.Tensor | ItemError:
     try:
-        return preprocess(load_image(work.item.image, work.item.key, min_side=input_side))
+        return prepare(load_image(work.item.image, work.item.key, min_side=input_side))
     except ItemError as exc:
         return exc
     except Exception as exc:  # a transform failing on a strange image is an item problem, not a crash

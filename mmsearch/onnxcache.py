@@ -79,13 +79,14 @@ def publish(folder: Path, build: Callable[[Path], dict | None]) -> Path | None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def ort_session(path: Path, fast_start: bool = False):
+def ort_session(path: Path, fast_start: bool = False, threads: int | None = None):
     """fast_start: no graph optimisation at load (for files from save_ort_format: what a one-query
-    process wants); otherwise all of them (what a long encoding run wants)."""
+    process wants); otherwise all of them (what a long encoding run wants). threads: intra-op threads
+    (default: one per core)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, os.cpu_count() or 1)
+    options.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
     options.log_severity_level = 3
     if fast_start:  # an .ort file saved by save_ort_format is already optimised
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

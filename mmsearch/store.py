@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import JSON, ForeignKey, String, create_engine, delete, event, func, select
+from sqlalchemy import JSON, ForeignKey, String, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -251,30 +251,51 @@ class Store:
 
     # -- writes -------------------------------------------------------------------------------
     def write_batch(self, records: Iterable[ItemRecord]) -> dict[str, int]:
-        """Insert or update items and their vectors in ONE transaction; returns key -> id."""
-        ids: dict[str, int] = {}
+        """Insert or update items and their vectors in ONE transaction; returns key -> id.
+
+        Bulk statements (one INSERT ... RETURNING, one UPDATE by id, one DELETE per modality, one
+        INSERT of vectors) rather than ORM objects per row: the ingest writer thread holds the GIL
+        for a fraction of the time, which the decode threads need."""
+        by_key = {rec.key: rec for rec in records}  # a key twice in one batch: the last one wins
+        stamp = now_iso()
         with db_errors(self.path, "write to"), Session(self.engine) as session, session.begin():
+            ids = self._ids_of(session, list(by_key))
+            rows = [{"key": rec.key, "image": rec.image, "caption": rec.caption, "meta": rec.meta,
+                     "image_hash": rec.image_hash, "caption_hash": rec.caption_hash, "updated": stamp}
+                    for rec in by_key.values()]
+            if old := [dict(row, id=ids[row["key"]]) for row in rows if row["key"] in ids]:
+                session.execute(update(Item), old)
+            if new := [row for row in rows if row["key"] not in ids]:
+                inserted = session.execute(insert(Item).returning(Item.key, Item.id, sort_by_parameter_order=True), new)
+                ids.update({key: item_id for key, item_id in inserted})
+            self._replace_vectors(session, by_key.values(), ids)
             fields = set(session.scalars(select(MetaField.name)))
-            for rec in records:
-                item = session.scalars(select(Item).where(Item.key == rec.key)).first()
-                if item is None:
-                    item = Item(key=rec.key)
-                    session.add(item)
-                item.image, item.caption, item.meta = rec.image, rec.caption, rec.meta
-                item.image_hash, item.caption_hash, item.updated = rec.image_hash, rec.caption_hash, now_iso()
-                session.flush()
-                ids[rec.key] = item.id
-                for modality, vec in rec.vectors.items():
-                    session.execute(delete(Vector).where(Vector.item_id == item.id, Vector.modality == modality))
-                    if vec is not None:
-                        session.add(Vector(item_id=item.id, modality=modality,
-                                           data=np.asarray(vec, dtype=np.float32).tobytes()))
-                for name in set(rec.meta) - fields:
-                    session.add(MetaField(name=name))
-                    fields.add(name)
+            if added := sorted({name for rec in by_key.values() for name in rec.meta} - fields):
+                session.execute(insert(MetaField), [{"name": name} for name in added])
             _bump_generation(session)
         fault_point("batch-committed")
         return ids
+
+    @staticmethod
+    def _ids_of(session: Session, keys: list[str]) -> dict[str, int]:
+        ids: dict[str, int] = {}
+        for chunk in _chunks(keys, 900):
+            rows = session.execute(select(Item.key, Item.id).where(Item.key.in_(chunk)))
+            ids.update({key: item_id for key, item_id in rows})
+        return ids
+
+    @staticmethod
+    def _replace_vectors(session: Session, records: Iterable[ItemRecord], ids: dict[str, int]) -> None:
+        """Each record's listed modalities are replaced (None: removed); unlisted ones are kept."""
+        records = list(records)
+        for modality in sorted({m for rec in records for m in rec.vectors}):
+            touched = [ids[rec.key] for rec in records if modality in rec.vectors]
+            for chunk in _chunks(touched, 900):
+                session.execute(delete(Vector).where(Vector.modality == modality, Vector.item_id.in_(chunk)))
+        rows = [{"item_id": ids[rec.key], "modality": modality, "data": np.asarray(vec, dtype=np.float32).tobytes()}
+                for rec in records for modality, vec in rec.vectors.items() if vec is not None]
+        if rows:
+            session.execute(insert(Vector), rows)
 
     def delete_items(self, ids: Sequence[int]) -> None:
         with db_errors(self.path, "write to"), Session(self.engine) as session, session.begin():

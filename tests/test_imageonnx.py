@@ -66,3 +66,17 @@ def test_cli_index_with_onnx_int8_finds_each_image(tmp_path, catalog_dir, tiny_c
         image = next((catalog_dir / "images").glob(f"{key}.*"))
         out = CliRunner().invoke(cli, ["search", "--image", str(image), "--index", str(path), "--format", "json"])
         assert json.loads(out.stdout)["results"][0]["id"] == key
+
+
+@pytest.mark.parametrize("cores,layout", [(1, (1, 1)), (2, (2, 1)), (3, (3, 1)), (16, (4, 4)), (6, (4, 1))])
+def test_stream_layout_shares_the_cores_out(cores, layout):
+    assert imageonnx.stream_layout(cores) == layout
+
+
+def test_a_batch_split_across_streams_keeps_its_order(tiny_encoder, pixels, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    tower = imageonnx.image_tower(tiny_encoder, "fp32")
+    one = imageonnx.OnnxImageTower(tower.session, "fp32", streams=1).encode(pixels.numpy())
+    for streams in (2, 3, len(pixels) + 2):  # uneven slices, and more streams than images
+        got = imageonnx.OnnxImageTower(tower.session, "fp32", streams=streams).encode(pixels.numpy())
+        np.testing.assert_allclose(got, one, atol=1e-6)
