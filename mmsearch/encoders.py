@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -78,6 +78,14 @@ class Encoder:
         if self.image_tower is not None:
             return self.image_tower.encode(pixels.numpy())
         return _normalise([self.model.encode_image(pixels).float()], self.dim)
+
+    def submit_pixels(self, pixels: torch.Tensor) -> Callable[[], np.ndarray]:
+        """Start encoding a batch; returns a function that waits for its vectors. The ONNX tower runs
+        in the background (the caller can prepare the next batch meanwhile), torch right here."""
+        if self.image_tower is not None:
+            return self.image_tower.submit(pixels.numpy())
+        vectors = self.encode_pixels(pixels)
+        return lambda: vectors
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
         chunks = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,11 +52,20 @@ class OnnxImageTower:
         self._pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="onnx-stream") if streams > 1 else None
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return self.submit(pixels)()
+
+    def submit(self, pixels: np.ndarray) -> Callable[[], np.ndarray]:
+        """Start encoding a batch on the streams; returns a function that waits for its vectors.
+
+        A caller that submits the next batch before waiting (ingest) keeps every stream busy: a
+        stream that finishes its slice starts on the next batch instead of waiting for the others."""
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         slices = np.array_split(pixels, min(self.streams, len(pixels))) if len(pixels) else [pixels]
         if self._pool is None or len(slices) == 1:
-            return l2_normalised(self._run(pixels))
-        return l2_normalised(np.concatenate(list(self._pool.map(self._run, slices))))
+            vectors = l2_normalised(self._run(pixels))
+            return lambda: vectors
+        futures = [self._pool.submit(self._run, part) for part in slices]
+        return lambda: l2_normalised(np.concatenate([f.result() for f in futures]))
 
     def _run(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"pixels": np.ascontiguousarray(pixels)})[0]

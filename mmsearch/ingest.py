@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -166,24 +167,39 @@ def _hash_item(item: CatalogItem) -> tuple[str | None, str | None] | ItemError:
 def _encode_and_write(collection, encoder, plan, options, pool, report, progress) -> None:
     """Encode batch after batch; each batch's rows are committed by a writer thread while the next
     batch encodes (SQLite's fsync no longer stalls the encoder). At most one commit is in flight and
-    commits stay in batch order, so a killed run still leaves a prefix of whole batches."""
+    commits stay in batch order, so a killed run still leaves a prefix of whole batches.
+
+    Image encoding is submitted one batch ahead (Encoder.submit_pixels): with the ONNX tower's
+    streams, a stream that finishes its slice of batch k starts on batch k+1 at once."""
     total, done = len(plan), 0
     progress("encoding", 0, total)
     with ThreadPoolExecutor(max_workers=1) as writer:
-        in_flight = None
-        for size, batch, pixels in _decoded_batches(plan, encoder, options.batch_size, pool, report):
-            image_vecs = _encode_images(encoder, batch, pixels)
+        state = {"commit": None}
+        encoding: deque = deque()
+        for size, batch, (pixels, keys) in _decoded_batches(plan, encoder, options.batch_size, pool, report):
+            waiter = encoder.submit_pixels(pixels) if pixels is not None else (lambda: [])
             text_rows = [w for w in batch if w.encode_text and w.item.caption]  # a removed caption: no vector
             text_vecs = encoder.encode_texts([w.item.caption for w in text_rows]) if text_rows else []
-            text_by_key = {w.item.key: v for w, v in zip(text_rows, text_vecs)}
-            records = [_record(w, image_vecs.get(w.item.key), text_by_key.get(w.item.key)) for w in batch]
-            if in_flight is not None:
-                in_flight.result()  # re-raises a failed commit before anything later is written
-            in_flight = writer.submit(_commit, collection, records, batch, report) if records else None
-            done += size
+            encoding.append((size, batch, keys, waiter, dict(zip((w.item.key for w in text_rows), text_vecs))))
+            if len(encoding) > 1:
+                done += _write(collection, writer, state, encoding.popleft(), report)
+                progress("encoding", min(done, total), total)
+        while encoding:
+            done += _write(collection, writer, state, encoding.popleft(), report)
             progress("encoding", min(done, total), total)
-        if in_flight is not None:
-            in_flight.result()
+        if state["commit"] is not None:
+            state["commit"].result()
+
+
+def _write(collection, writer, state: dict, encoded, report: IngestReport) -> int:
+    """Wait for one batch's image vectors and hand its rows to the writer thread; returns its size."""
+    size, batch, keys, waiter, text_by_key = encoded
+    image_vecs = dict(zip(keys, waiter()))
+    records = [_record(w, image_vecs.get(w.item.key), text_by_key.get(w.item.key)) for w in batch]
+    if state["commit"] is not None:
+        state["commit"].result()  # re-raises a failed commit before anything later is written
+    state["commit"] = writer.submit(_commit, collection, records, batch, report) if records else None
+    return size
 
 
 def _commit(collection, records: list[ItemRecord], batch: list[_Work], report: IngestReport) -> None:
@@ -243,13 +259,6 @@ def _decode(work: _Work, prepare, input_side: int) -> torch.Tensor | ItemError:
         return exc
     except Exception as exc:  # a transform failing on a strange image is an item problem, not a crash
         return ItemError(work.item.key, f"cannot preprocess image: {exc}")
-
-
-def _encode_images(encoder: Encoder, batch, pixels_and_keys) -> dict[str, np.ndarray]:
-    pixels, keys = pixels_and_keys
-    if pixels is None:
-        return {}
-    return dict(zip(keys, encoder.encode_pixels(pixels)))
 
 
 def _record(work: _Work, image_vec, text_vec) -> ItemRecord:
