@@ -336,13 +336,14 @@ def tune_cmd(index_name, queries, k, dry_run, fmt):
 @click.option("--train-last-blocks", type=click.IntRange(min=0), help="Train only the last N blocks of each tower.")
 @click.option("--group-column", help="Metadata column naming the product: its variants become image-image positives.")
 @click.option("--no-augment", is_flag=True, help="No image augmentation.")
+@click.option("--flip-only", is_flag=True, help="Image augmentation is horizontal flips only (small images).")
 @click.option("--no-caption-templates", is_flag=True, help="No caption paraphrasing.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(catalog, out, model, pretrained, epochs, minutes, batch_size, lr, warmup_steps, val_fraction, freeze,
-              train_last_blocks, group_column, no_augment, no_caption_templates, seed, resume, fmt, quiet):
+              train_last_blocks, group_column, no_augment, flip_only, no_caption_templates, seed, resume, fmt, quiet):
     """Fine-tune (or train from scratch) on a catalog's image-caption pairs with a contrastive loss.
 
     \b
@@ -357,7 +358,7 @@ def train_cmd(catalog, out, model, pretrained, epochs, minutes, batch_size, lr, 
     options = TrainOptions(model=model, pretrained=pretrained, epochs=epochs, minutes=minutes, batch_size=batch_size,
                            lr=lr, warmup_steps=warmup_steps, val_fraction=val_fraction, freeze=freeze,
                            train_last_blocks=train_last_blocks, group_column=group_column, augment=not no_augment,
-                           caption_templates=not no_caption_templates, seed=seed, resume=resume)
+                           flip_only=flip_only, caption_templates=not no_caption_templates, seed=seed, resume=resume)
     bar = _TrainBar(quiet)
     try:
         report = _run(train, catalog, out, options, progress=bar)

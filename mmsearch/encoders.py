@@ -37,6 +37,9 @@ def register_packaged_configs() -> list[str]:
     """Make mmsearch's own model shapes (tiny test and fashion configs) known to open_clip."""
     import open_clip
 
+    from .convnet import register_with_timm
+
+    register_with_timm()  # configs may name mmsearch's own timm towers
     open_clip.add_model_config(CONFIG_DIR)
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 

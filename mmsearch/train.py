@@ -80,6 +80,7 @@ class TrainOptions:
     freeze: str | None = None  # None | "image" | "text": freeze a whole tower
     train_last_blocks: int | None = None  # train only the last N blocks of each tower (+ heads, logit_scale)
     augment: bool = True  # geometric image augmentation (never colour: colour is a label)
+    flip_only: bool = False  # augmentation = horizontal flips only: exact pixels, no resampling blur (tiny images)
     caption_templates: bool = True  # paraphrase captions during training
     group_column: str | None = None  # metadata column naming the product: its variants are image-image positives
     resume: bool = False
@@ -414,6 +415,12 @@ class PixelPipeline:
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels.float() / 255.0 - self.mean) / self.std
 
+    @staticmethod
+    def flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Each image mirrored left-right with probability 1/2; pixels are moved, never resampled."""
+        mirrored = torch.rand(batch.shape[0], generator=generator) < 0.5
+        return torch.where(mirrored.view(-1, 1, 1, 1), batch.flip(-1), batch)
+
     def augment(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random-resized-crop-like zoom (0.8-1.05), shifts up to 1/16 of the side, horizontal flips."""
         n = batch.shape[0]
@@ -744,7 +751,9 @@ class _Run:
         rng = np.random.default_rng([self.options.seed, self.step])
         index = torch.from_numpy(batch)
         images = self.pipeline.normalise(self.data.pixels[index])
-        if self.options.augment:
+        if self.options.augment and self.options.flip_only:
+            images = self.pipeline.flip(images, generator)
+        elif self.options.augment:
             images = self.pipeline.augment(images, generator)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

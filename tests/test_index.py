@@ -172,10 +172,12 @@ def test_reindex_refuses_while_locked(tmp_path):
         collection.close()
 
 
-@pytest.mark.parametrize("model,pretrained", [("mmsearch-tiny", "random"), ("mmsearch-fashion", None)])
+@pytest.mark.parametrize("model,pretrained", [("mmsearch-tiny", "random"), ("mmsearch-fashion-rn", "random"),
+                                              ("mmsearch-fashion", None)])
 def test_int8_option_keeps_vectors_close(model, pretrained):
     """`--quantize int8` (image tower Linear layers): vectors move only slightly; text still encodes.
-    mmsearch-fashion is a ModifiedResNet, whose attention pool must stay fp32 (it reads raw weights)."""
+    mmsearch-fashion-rn is a ModifiedResNet, whose attention pool must stay fp32 (it reads raw weights);
+    the shipped mmsearch-fashion is a convnet (only its projection is a Linear)."""
     import torch
 
     from mmsearch.encoders import load_encoder

@@ -165,6 +165,15 @@ def test_augmentation_is_seeded_and_mixes_original_and_paraphrases():
     assert 20 < draws.count("a red ankle boot") < 100 and len(set(draws)) > 20
 
 
+def test_flip_augmentation_mirrors_whole_images_exactly_and_is_seeded():
+    batch = torch.rand(64, 3, 8, 8)
+    flipped = training.PixelPipeline.flip(batch, torch.Generator().manual_seed(3))
+    mirrored = [bool(torch.equal(f, b.flip(-1))) for f, b in zip(flipped, batch)]
+    kept = [bool(torch.equal(f, b)) for f, b in zip(flipped, batch)]
+    assert all(m != k for m, k in zip(mirrored, kept)) and 16 < sum(mirrored) < 48
+    torch.testing.assert_close(flipped, training.PixelPipeline.flip(batch, torch.Generator().manual_seed(3)))
+
+
 # -- training runs --------------------------------------------------------------------------------
 
 

@@ -234,6 +234,9 @@ def ship(model_dir: Path, dest: Path, card: dict) -> Path:
     from mmsearch.encoders import MODEL_WEIGHTS_FILE, load_encoder, save_model_dir
 
     model = load_encoder(str(model_dir)).model
+    data = Path(card.get("data", ""))
+    if data.is_absolute() and data.is_relative_to(Path.cwd()):  # the card ships: no path of this machine
+        card = {**card, "data": str(data.relative_to(Path.cwd()))}
     if sum(p.numel() * 4 for p in model.state_dict().values()) > SHIP_LIMIT_BYTES:
         model = model.half()  # loading copies fp16 weights into the fp32 model
         card = {**card, "weights_dtype": "float16"}
@@ -265,6 +268,7 @@ def parse_args(argv):
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--flip-only", action="store_true", help="augmentation: horizontal flips only")
     parser.add_argument("--no-caption-templates", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
@@ -285,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     options = TrainOptions(
         model=args.model, epochs=args.epochs, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
-        augment=not args.no_augment, caption_templates=not args.no_caption_templates,
+        augment=not args.no_augment, flip_only=args.flip_only, caption_templates=not args.no_caption_templates,
         group_column="product" if args.group else None, workers=args.workers, precision=args.precision)
     recorder = Recorder(args.out / "snapshots")
     started = time.monotonic()
