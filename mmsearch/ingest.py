@@ -174,7 +174,7 @@ def _encode_and_write(collection, encoder, plan, options, pool, report, progress
     total, done = len(plan), 0
     progress("encoding", 0, total)
     with ThreadPoolExecutor(max_workers=1) as writer:
-        state = {"commit": None}
+        commit = None  # the writer's in-flight commit
         encoding: deque = deque()
         for size, batch, (pixels, keys) in _decoded_batches(plan, encoder, options.batch_size, pool, report):
             waiter = encoder.submit_pixels(pixels) if pixels is not None else (lambda: [])
@@ -182,24 +182,26 @@ def _encode_and_write(collection, encoder, plan, options, pool, report, progress
             text_vecs = encoder.encode_texts([w.item.caption for w in text_rows]) if text_rows else []
             encoding.append((size, batch, keys, waiter, dict(zip((w.item.key for w in text_rows), text_vecs))))
             if len(encoding) > 1:
-                done += _write(collection, writer, state, encoding.popleft(), report)
+                commit = _write(collection, writer, commit, encoding[0], report)
+                done += encoding.popleft()[0]
                 progress("encoding", min(done, total), total)
         while encoding:
-            done += _write(collection, writer, state, encoding.popleft(), report)
+            commit = _write(collection, writer, commit, encoding[0], report)
+            done += encoding.popleft()[0]
             progress("encoding", min(done, total), total)
-        if state["commit"] is not None:
-            state["commit"].result()
+        if commit is not None:
+            commit.result()
 
 
-def _write(collection, writer, state: dict, encoded, report: IngestReport) -> int:
-    """Wait for one batch's image vectors and hand its rows to the writer thread; returns its size."""
-    size, batch, keys, waiter, text_by_key = encoded
+def _write(collection, writer, commit, encoded, report: IngestReport):
+    """Wait for one batch's image vectors and hand its rows to the writer thread once the previous
+    commit (`commit`) is done; returns the new in-flight commit."""
+    _, batch, keys, waiter, text_by_key = encoded
     image_vecs = dict(zip(keys, waiter()))
     records = [_record(w, image_vecs.get(w.item.key), text_by_key.get(w.item.key)) for w in batch]
-    if state["commit"] is not None:
-        state["commit"].result()  # re-raises a failed commit before anything later is written
-    state["commit"] = writer.submit(_commit, collection, records, batch, report) if records else None
-    return size
+    if commit is not None:
+        commit.result()  # re-raises a failed commit before anything later is written
+    return writer.submit(_commit, collection, records, batch, report) if records else None
 
 
 def _commit(collection, records: list[ItemRecord], batch: list[_Work], report: IngestReport) -> None:
