@@ -4,8 +4,8 @@ open_clip's transform for a model is Resize(shorter side, bicubic, antialias) ->
 ToTensor -> Normalize on a PIL image. PIL's bicubic resize dominates it (0.8 ms for a 320x240 image on
 this machine's cores); torch's antialiased uint8 resize on a channels-last tensor computes the same
 filter with SIMD in about a third of the time, with ToTensor and Normalize folded into one
-multiply-add. The result is within one grey level of open_clip's before normalisation (rounding
-differs by at most 1/255), and it is only used for a transform of exactly that shape: any other
+multiply-add. The result is within two grey levels of open_clip's before normalisation (rounding
+of the resize; most pixels are identical), and it is only used for a transform of exactly that shape: any other
 transform (squash, letterbox, custom steps) runs as open_clip built it.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-_INTERPOLATIONS = {"bicubic": "bicubic", "bilinear": "bilinear"}
+_MODES = ("bicubic", "bilinear")  # torchvision InterpolationMode values F.interpolate also takes
 
 
 class FastPreprocess:
@@ -85,8 +85,8 @@ def fast_preprocess(transform):
         return None
     resize, crop, normalize = steps[0], steps[1], steps[-1]
     size = resize.size if isinstance(resize.size, int) else (resize.size[0] if len(resize.size) == 1 else None)
-    mode = _INTERPOLATIONS.get(getattr(resize.interpolation, "value", None))
-    if size is None or mode is None or resize.max_size is not None or resize.antialias is False:
+    mode = getattr(resize.interpolation, "value", None)
+    if size is None or mode not in _MODES or resize.max_size is not None or resize.antialias is False:
         return None
     if not isinstance(normalize, T.Normalize) or len(normalize.mean) != 3:
         return None
