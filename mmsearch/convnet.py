@@ -26,6 +26,8 @@ class ConvNetCfg:
 
 ARCHITECTURES = {
     "mmsearch_convnet_s": ConvNetCfg(channels=(16, 32, 64)),
+    "mmsearch_convnet_w24": ConvNetCfg(channels=(24, 48, 96)),
+    "mmsearch_convnet_m": ConvNetCfg(channels=(32, 64, 128)),
 }
 
 

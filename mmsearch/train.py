@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .catalog import CatalogItem, read_catalog
-from .config import ModelRef, now_iso, write_json_atomic
+from .config import PRECISIONS, ModelRef, now_iso, write_json_atomic
 from .encoders import (
     RANDOM,
     create_model,
@@ -86,7 +86,7 @@ class TrainOptions:
     resume: bool = False
     workers: int = 0  # threads decoding images (0 = in the calling thread)
     caption_bank: int = 512  # distinct catalog captions added as extra texts to every batch (0: none)
-    precision: str = "fp32"  # "fp32" or "bf16" (CPU autocast; faster on CPUs with AMX/AVX512-BF16)
+    precision: str = "fp32"  # PRECISIONS: bf16 autocast of both towers, or of the image tower only
 
     def validate(self) -> None:
         if self.epochs is None and self.minutes is None:
@@ -105,8 +105,8 @@ class TrainOptions:
             raise TrainError("train_last_blocks must be >= 0")
         if self.caption_bank < 0:
             raise TrainError("caption_bank must be >= 0")
-        if self.precision not in ("fp32", "bf16"):
-            raise TrainError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,8 +729,9 @@ class _Run:
         bank = self.caption_bank()
         texts = texts + [self.data.unique_captions[i] for i in bank]
         self.updating = True
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.options.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.options.precision != "fp32"):
             image_emb = F.normalize(self.model.encode_image(images).float(), dim=-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.options.precision == "bf16"):
             text_emb = self.encode_batch_texts(texts)
         scale = self.model.logit_scale.exp()
         loss = clip_loss(image_emb, text_emb, scale, labels, torch.cat([labels, bank]))

@@ -272,6 +272,36 @@ def test_options_are_checked():
         TrainOptions().validate()
     with pytest.raises(TrainError, match="freeze"):
         TrainOptions(epochs=1, freeze="both").validate()
+    with pytest.raises(TrainError, match="precision must be one of fp32, bf16, bf16-image, got 'fp16'"):
+        TrainOptions(epochs=1, precision="fp16").validate()
+
+
+@pytest.mark.parametrize(("precision", "image_dtype", "text_dtype"), [
+    ("fp32", torch.float32, torch.float32),
+    ("bf16", torch.bfloat16, torch.bfloat16),
+    ("bf16-image", torch.bfloat16, torch.float32),
+])
+def test_precision_sets_each_towers_autocast(shapes_catalog, tmp_path, monkeypatch, precision, image_dtype,
+                                            text_dtype):
+    seen: dict[str, torch.dtype] = {}
+    build = training.build_model
+
+    def build_with_hooks(options, resume_dir):
+        model = build(options, resume_dir)  # the first forward of each tower is a training step's
+        for tower, module in (("image", model.visual), ("text", model.transformer)):
+            # a Linear is an autocast op; attention's out_proj is never called (MHA reads its weight)
+            first_linear = next(m for name, m in module.named_modules()
+                                if isinstance(m, torch.nn.Linear) and not name.endswith("out_proj"))
+            first_linear.register_forward_hook(lambda m, i, out, tower=tower: record(tower, out))
+        return model
+
+    def record(tower, out):  # returns None: the hook must not replace the output
+        seen.setdefault(tower, out.dtype)
+
+    monkeypatch.setattr(training, "build_model", build_with_hooks)
+    report = train(shapes_catalog, tmp_path / "model", _options(epochs=1, precision=precision))
+    assert seen == {"image": image_dtype, "text": text_dtype}
+    assert math.isfinite(report["final_loss"])
 
 
 def test_minutes_stop_the_run(shapes_catalog, tmp_path):

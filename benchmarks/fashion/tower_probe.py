@@ -77,11 +77,12 @@ def normalised(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels.float() / 255 - MEAN) / STD).contiguous(memory_format=torch.channels_last)
 
 
-def probe(config: str, data, minutes: float, batch: int, lr: float, hflip: bool) -> dict:
+def probe(config: str, data, minutes: float, batch: int, lr: float, hflip: bool, bf16: bool = False) -> dict:
     xtr, ytr, xte, yte = data
     torch.manual_seed(0)
-    model = Tower(config).to(memory_format=torch.channels_last)
-    model(normalised(xtr[:2]))  # materialise the lazy head
+    model = Tower(config)
+    model(normalised(xtr[:2]))  # materialise the lazy head (.to() refuses uninitialised parameters)
+    model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     generator = torch.Generator().manual_seed(0)
     started, step, planned = time.perf_counter(), 0, None
@@ -101,7 +102,9 @@ def probe(config: str, data, minutes: float, batch: int, lr: float, hflip: bool)
             if hflip:
                 flip = torch.rand(len(index), generator=generator) < 0.5
                 pixels[flip] = pixels[flip].flip(-1)
-            loss = F.cross_entropy(model(pixels), ytr[index])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(pixels).float()
+            loss = F.cross_entropy(logits, ytr[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -123,12 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--hflip", action="store_true", help="random horizontal flips")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast while training (train --precision bf16-image)")
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/out/fashion/probe-data.pt"))
     args = parser.parse_args(argv)
     data = load_data(args.cache)
     print(f"{'tower':<24} {'img/s':>7} {'epochs':>6} {'category':>8} {'colour':>6} {'both':>6}")
     for config in args.towers:
-        r = probe(config, data, args.minutes, args.batch_size, args.lr, args.hflip)
+        r = probe(config, data, args.minutes, args.batch_size, args.lr, args.hflip, args.bf16)
         print(f"{config:<24} {r['images_per_s']:>7.0f} {r['epochs']:>6.2f} {r['category']:>8.4f} "
               f"{r['colour']:>6.4f} {r['both']:>6.4f}", flush=True)
     return 0

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.fashion.make_catalog import CAPTION_NOUNS, CATEGORIES, COLORS, build_catalog, caption_for
+from mmsearch.config import PRECISIONS
 
 DEFAULT_DATA = Path("benchmarks/out/fashion/data")
 SHIP_LIMIT_BYTES = 30 * 1024 * 1024
@@ -266,7 +267,7 @@ def parse_args(argv):
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--flip-only", action="store_true", help="augmentation: horizontal flips only")
     parser.add_argument("--no-caption-templates", action="store_true")
