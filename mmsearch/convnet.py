@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -32,9 +33,12 @@ ARCHITECTURES = {
 
 
 class ConvNet(nn.Module):
-    """Stages of conv-BN-ReLU blocks with 2x2 max pooling between them, then global average pooling.
+    """Stages of conv-BN-ReLU blocks with 2x2 max pooling between them, then pooling.
 
-    forward() returns pooled features (N, num_features); open_clip's TimmModel projects them."""
+    forward() returns pooled features (N, num_features); open_clip's TimmModel projects them.
+    Pooling (`timm_pool` in the model config): "avg" averages the last feature map globally;
+    "avgN" averages it over an N x N grid and flattens, keeping where things are (a collar, a sleeve's
+    length), which is what tells a shirt from a coat at 32 px; "" returns the feature map."""
 
     def __init__(self, cfg: ConvNetCfg, in_chans: int = 3):
         super().__init__()
@@ -48,24 +52,41 @@ class ConvNet(nn.Module):
                            nn.ReLU(inplace=True)]
                 width = channels
         self.features = nn.Sequential(*blocks)
+        self.channels = width
         self.num_features = width
-        self.global_pool = "avg"
+        self.global_pool, self.grid = "avg", 1
         self.default_cfg = self.pretrained_cfg = {"pool_size": None, "num_classes": 0}
 
     def reset_classifier(self, num_classes: int = 0, global_pool: str = "avg") -> None:
-        """timm's interface: open_clip asks for no classifier and average pooling."""
+        """timm's interface: open_clip asks for no classifier and the config's pooling."""
         if num_classes:
             raise ValueError("mmsearch convnets are embedding trunks: no classifier head")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"unsupported global pool {global_pool!r}")
-        self.global_pool = global_pool
+        grid = _grid_of(global_pool)
+        if grid is None:
+            raise ValueError(f"unsupported pooling {global_pool!r}: use 'avg', 'avgN' (an N x N grid) or ''")
+        self.global_pool, self.grid = global_pool, grid
+        self.num_features = self.channels * grid * grid
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
-        return x.mean(dim=(2, 3)) if self.global_pool == "avg" else x
+        if not self.global_pool:
+            return x
+        if self.grid == 1:
+            return x.mean(dim=(2, 3))
+        return F.adaptive_avg_pool2d(x, self.grid).flatten(1)
+
+
+def _grid_of(pool: str) -> int | None:
+    """'avg' -> 1, 'avg4' -> 4, '' -> 0 (no pooling); None for anything else."""
+    if pool == "":
+        return 0
+    if pool == "avg":
+        return 1
+    digits = pool.removeprefix("avg")
+    return int(digits) if pool.startswith("avg") and digits.isdigit() and int(digits) > 0 else None
 
 
 def register_with_timm() -> bool:

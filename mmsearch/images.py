@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -60,17 +61,26 @@ def _check_regular(st: os.stat_result, path, label: str) -> None:
                                f"{MAX_IMAGE_BYTES:,}): {path}")
 
 
-def load_image(path: str | Path, item: str | None = None, min_side: int | None = None) -> Image.Image:
+def load_image(path: str | Path, item: str | None = None, min_side: int | None = None,
+               digest=None) -> Image.Image:
     """Decode to RGB: first frame of animations, EXIF orientation honoured, bombs refused.
 
     min_side: the encoder's input size. A JPEG is then decoded by libjpeg at the smallest 1/2, 1/4 or
     1/8 scale whose shorter side stays >= min_side (DCT-domain scaling, a proper low-pass): the encoder
-    shrinks it to min_side anyway, and decoding a 12-megapixel photo this way is several times faster."""
+    shrinks it to min_side anyway, and decoding a 12-megapixel photo this way is several times faster.
+
+    digest: a hashlib object fed the whole file, read once for hashing and decoding (ingest
+    fingerprints each new file as it decodes it); the file size is already capped by MAX_IMAGE_BYTES."""
     label = item or str(path)
     try:
         with open_image_file(path, label) as fh, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fh) as img:
+            source = fh
+            if digest is not None:
+                data = fh.read()
+                digest.update(data)
+                source = io.BytesIO(data)
+            with Image.open(source) as img:
                 img.seek(0)
                 if min_side:
                     _draft(img, min_side)

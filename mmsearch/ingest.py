@@ -13,7 +13,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -124,23 +124,27 @@ def _run(collection: Collection, encoder: Encoder, items: list[CatalogItem], opt
 
 
 def _plan(items, known, pool, report, progress) -> list[_Work]:
-    """Hash every item (threads) and decide what must be encoded."""
+    """Decide what must be encoded. Items already in the store are hashed first (threads) to see
+    what changed; a new item is encoded whatever its hash, so its image is hashed later by the decode
+    job that reads it anyway (one read per file, and the encoder starts without a hashing pass)."""
     plan: list[_Work] = []
-    hashes = pool.map(_hash_item, items)
-    for done, (item, result) in enumerate(zip(items, hashes), start=1):
+    stored = [item for item in items if item.key in known]
+    hashes = dict(zip((item.key for item in stored), pool.map(_hash_item, stored)))
+    for done, item in enumerate(items, start=1):
         progress("checking", done, len(items))
+        old = known.get(item.key)
+        if old is None:
+            caption_hash = _caption_hash(item)
+            plan.append(_Work(item, None, caption_hash, item.image is not None, caption_hash is not None, True))
+            continue
+        result = hashes[item.key]
         if isinstance(result, ItemError):
             report.failed.append(result)
             continue
         image_hash, caption_hash = result
-        old = known.get(item.key)
-        if old is None:
-            plan.append(_Work(item, image_hash, caption_hash, image_hash is not None,
-                              caption_hash is not None, True))
-            continue
-        _, old_image, old_caption, stored = old
-        encode_image = image_hash != old_image or (image_hash is not None and "image" not in stored)
-        encode_text = caption_hash != old_caption or (caption_hash is not None and "text" not in stored)
+        _, old_image, old_caption, stored_modalities = old
+        encode_image = image_hash != old_image or (image_hash is not None and "image" not in stored_modalities)
+        encode_text = caption_hash != old_caption or (caption_hash is not None and "text" not in stored_modalities)
         if encode_image or encode_text:
             plan.append(_Work(item, image_hash, caption_hash, encode_image, encode_text, False))
         else:
@@ -148,8 +152,12 @@ def _plan(items, known, pool, report, progress) -> list[_Work]:
     return plan
 
 
+def _caption_hash(item: CatalogItem) -> str | None:
+    return hashlib.sha256(item.caption.encode("utf-8")).hexdigest() if item.caption else None
+
+
 def _hash_item(item: CatalogItem) -> tuple[str | None, str | None] | ItemError:
-    caption_hash = hashlib.sha256(item.caption.encode("utf-8")).hexdigest() if item.caption else None
+    caption_hash = _caption_hash(item)
     if item.image is None:
         return None, caption_hash
     try:
@@ -248,19 +256,24 @@ def _assemble(batch: list[_Work], decodes: list, collate):
             if isinstance(result, ItemError):
                 failed.append(result)
                 continue
-            tensors.append((work.item.key, result))
+            pixels, image_hash = result
+            work = replace(work, image_hash=image_hash)
+            tensors.append((work.item.key, pixels))
         kept.append(work)
     pixels = collate([t for _, t in tensors]) if tensors else None
     return kept, failed, (pixels, [k for k, _ in tensors])
 
 
-def _decode(work: _Work, prepare, input_side: int) -> torch.Tensor | ItemError:
+def _decode(work: _Work, prepare, input_side: int) -> tuple[torch.Tensor, str] | ItemError:
+    """(pixels, the image file's hash); a new item's file is hashed here, as it is read."""
+    digest = hashlib.sha256() if work.image_hash is None else None
     try:
-        return prepare(load_image(work.item.image, work.item.key, min_side=input_side))
+        pixels = prepare(load_image(work.item.image, work.item.key, min_side=input_side, digest=digest))
     except ItemError as exc:
         return exc
     except Exception as exc:  # a transform failing on a strange image is an item problem, not a crash
         return ItemError(work.item.key, f"cannot preprocess image: {exc}")
+    return pixels, digest.hexdigest() if digest is not None else work.image_hash
 
 
 def _record(work: _Work, image_vec, text_vec) -> ItemRecord:

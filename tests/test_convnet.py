@@ -33,3 +33,24 @@ def test_no_pretrained_weights_and_no_classifier():
         timm.create_model(name, pretrained=True)
     with pytest.raises(ValueError, match="no classifier head"):
         timm.create_model(name).reset_classifier(10)
+
+
+def test_grid_pooling_keeps_where_features_are():
+    net = ConvNet(ConvNetCfg(channels=(4, 8), convs_per_stage=1))
+    net.reset_classifier(0, "avg2")
+    assert net.num_features == 8 * 2 * 2
+    features = torch.zeros(1, 8, 16, 16)
+    features[0, 3, :8, :8] = 1.0  # something in the top-left quarter only
+    net.features = torch.nn.Identity()  # pool a known feature map
+    pooled = net(features).view(8, 2, 2)
+    assert pooled[3, 0, 0] == 1.0 and pooled.sum() == 1.0  # the global average would say 0.25, nowhere
+    net.reset_classifier(0, "avg")
+    assert net(features).shape == (1, 8) and net.num_features == 8
+    net.reset_classifier(0, "")
+    assert net(features).shape == (1, 8, 16, 16)
+
+
+@pytest.mark.parametrize("pool", ["max", "avg0", "avgx", "avg-2"])
+def test_unknown_pooling_is_refused(pool):
+    with pytest.raises(ValueError, match=f"unsupported pooling '{pool}'"):
+        ConvNet(ConvNetCfg(channels=(4,))).reset_classifier(0, pool)

@@ -7,6 +7,7 @@ exactly those ids, and a reader search succeeds.
 
 import ast
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -168,6 +169,36 @@ def test_resume_counts_committed_batches_unchanged(tmp_path, catalog_dir, tiny_e
     report = ingest(csv, index, IngestOptions(batch_size=3), encoder=tiny_encoder)
     committed = max(1, 3 // ingest_module.FIRST_BATCH_DIVISOR) + 3  # a short first batch, then a full one
     assert (report.unchanged, report.added) == (committed, 9 - committed)
+
+
+def test_new_items_are_fingerprinted_as_they_decode_and_read_once(tmp_path, catalog_dir, tiny_encoder, monkeypatch):
+    """A new item's image hash comes from the decode job's single read; it must equal the whole-file
+    hash the next run compares against, or every re-run would re-encode the catalog."""
+    opened: list[str] = []
+    real_open = ingest_module.open_image_file
+
+    def counting_open(path, label):
+        opened.append(Path(path).name)
+        return real_open(path, label)
+
+    monkeypatch.setattr(ingest_module, "open_image_file", counting_open)
+    monkeypatch.setattr("mmsearch.images.open_image_file", counting_open)
+    csv, index = catalog_dir / "catalog.csv", tmp_path / "idx"
+    report = ingest(csv, index, IngestOptions(batch_size=3), encoder=tiny_encoder)
+    assert report.added == 9 and len(report.failed) == 2  # the non-image and the truncated JPEG
+    assert sorted(opened) == sorted(set(opened)) and len(opened) == 10  # every image file read once
+    collection = Collection.open(index)
+    try:
+        stored = collection.store.fingerprints()
+    finally:
+        collection.close()
+    images = [key for key, (_, image_hash, _, _) in stored.items() if image_hash]
+    for key in images:
+        path = next((catalog_dir / "images").glob(f"{key}.*"))
+        assert stored[key][1] == hashlib.sha256(path.read_bytes()).hexdigest(), key
+    assert len(images) == 8
+    again = ingest(csv, index, IngestOptions(batch_size=3), encoder=tiny_encoder)
+    assert (again.unchanged, again.added, again.updated) == (9, 0, 0)
 
 
 def test_half_created_index_is_recovered(tmp_path, catalog_dir, tiny_encoder):
