@@ -72,7 +72,7 @@ class Encoder:
         chunks = []
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[start : start + batch_size]))
-            chunks.append(self.model.encode_text(tokens).float())
+            chunks.append(encode_text_trimmed(self.model, tokens).float())
         return _normalise(chunks, self.dim)
 
     @torch.inference_mode()
@@ -96,6 +96,32 @@ class Encoder:
             batch = torch.stack([self.preprocess(img) for img in images[start : start + batch_size]])
             chunks.append(torch.from_numpy(self.encode_pixels(batch)))
         return _normalise(chunks, self.dim)
+
+
+def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """model.encode_text(tokens), with the padding after the longest text's end token cut off.
+
+    open_clip's CLIP text tower is causal and pools at the end token (the highest id), so positions
+    after every text's end cannot change any output: same vectors (to float rounding) for a fraction
+    of the work, since catalog captions are ~10 tokens of ViT-B-32's 77-token context. Other towers
+    (custom or Hugging Face text models, other pooling) run as they are."""
+    import open_clip
+
+    if not (isinstance(model, open_clip.CLIP) and model.text_pool_type == "argmax"
+            and isinstance(model.attn_mask, torch.Tensor) and tokens.ndim == 2 and len(tokens)):
+        return model.encode_text(tokens)
+    length = int(tokens.argmax(dim=1).max()) + 1
+    if length >= tokens.shape[1]:
+        return model.encode_text(tokens)
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    x = x[torch.arange(len(tokens)), tokens.argmax(dim=1)]  # open_clip's "argmax" pooling
+    projection = model.text_projection  # a matrix, a Linear or None, as in CLIP.encode_text
+    if projection is None:
+        return x
+    return x @ projection if isinstance(projection, torch.Tensor) else projection(x)
 
 
 def _embed_dim(model: torch.nn.Module) -> int:

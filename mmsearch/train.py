@@ -37,6 +37,7 @@ from .config import PRECISIONS, ModelRef, now_iso, write_json_atomic
 from .encoders import (
     RANDOM,
     create_model,
+    encode_text_trimmed,
     image_transform,
     register_packaged_configs,
     resolve_model_name,
@@ -630,7 +631,7 @@ def _encode_pixels(model, pipeline: PixelPipeline, pixels: torch.Tensor, batch_s
 
 
 def _encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int) -> torch.Tensor:
-    chunks = [model.encode_text(tokenizer(list(texts[i : i + batch_size])), normalize=True)
+    chunks = [F.normalize(encode_text_trimmed(model, tokenizer(list(texts[i : i + batch_size]))), dim=-1)
               for i in range(0, len(texts), batch_size)]
     return torch.cat(chunks).float()
 
@@ -780,7 +781,7 @@ class _Run:
         """Each distinct string once: catalog batches repeat captions, so this saves most text compute."""
         unique = list(dict.fromkeys(texts))
         where = {text: i for i, text in enumerate(unique)}
-        embeddings = F.normalize(self.model.encode_text(self.tokenize(unique)).float(), dim=-1)
+        embeddings = F.normalize(encode_text_trimmed(self.model, self.tokenize(unique)).float(), dim=-1)
         return embeddings[torch.tensor([where[t] for t in texts])]
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from mmsearch.encoders import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, load_encoder, save_model_dir
+from mmsearch.encoders import (
+    MODEL_CONFIG_FILE,
+    MODEL_WEIGHTS_FILE,
+    encode_text_trimmed,
+    load_encoder,
+    save_model_dir,
+)
 from mmsearch.errors import ModelLoadError
 
 TEXTS = ["a red ankle boot", "a blue dress"]
@@ -115,3 +121,22 @@ def test_model_config_json_is_plain_data(tmp_path, tiny_encoder):
     out = save_model_dir(tiny_encoder.model, "mmsearch-tiny", tmp_path / "m")
     config = json.loads((out / MODEL_CONFIG_FILE).read_text())
     assert config["model_cfg"]["embed_dim"] == 32
+
+
+def test_trimmed_text_encoding_equals_the_full_context_and_runs_fewer_positions(tiny_encoder):
+    model, tokenizer = tiny_encoder.model, tiny_encoder.tokenizer
+    short = tokenizer(["a red ankle boot", "a bag", "crimson ankle boots in soft leather"])
+    lengths: list[int] = []
+    hook = model.transformer.register_forward_hook(lambda m, args, out: lengths.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            full, trimmed = model.encode_text(short), encode_text_trimmed(model, short)
+            too_long = tokenizer(["red " * 100])  # fills the whole context: nothing to trim
+            assert torch.equal(encode_text_trimmed(model, too_long), model.encode_text(too_long))
+    finally:
+        hook.remove()
+    assert torch.allclose(full, trimmed, atol=1e-5)
+    longest = int(short.argmax(dim=1).max()) + 1  # the end token is the highest id
+    assert lengths[:2] == [short.shape[1], longest] and longest < short.shape[1]
+    assert np.allclose(tiny_encoder.encode_texts(["a bag"]), tiny_encoder.encode_texts(["a bag", "red " * 100])[:1],
+                       atol=1e-5)  # batched with a long text or alone: the same vector
