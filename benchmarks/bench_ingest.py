@@ -170,13 +170,44 @@ def speed(args, tmp: Path) -> dict:
               flush=True)
     ips = {k: n / statistics.median(v) for k, v in runs.items()}
     flops = encoder_flops(fp32.model, pixels.shape[-1])
+    captions = caption_encoding(fp32, repeat)
     return {"model": args.model + (f" --pretrained {args.pretrained}" if args.pretrained else ""), "images": n,
             "repeat": repeat, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
             "decode_preprocess_ms_per_image_1thread": decode_ms, "images_per_s": ips,
             "x_bare_torch_fp32": {k: v / ips["torch fp32"] for k, v in ips.items()},
             "pipeline_over_its_bare_encoder": {k: ips[k] / ips[v] for k, (v, _) in PIPELINES.items()},
-            "encoder_gflop_per_image": flops / 1e9,
+            "encoder_gflop_per_image": flops / 1e9, "caption_encoding_torch_fp32": captions,
             "achieved_gflops": {k: flops * ips[k] / 1e9 for k in VARIANTS}}
+
+
+def caption_encoding(encoder, repeat: int) -> dict:
+    """Catalog captions through the torch text tower: the whole context (open_clip's encode_text) vs
+    cut after the longest caption's end token (Encoder.encode_texts). Same vectors, less work."""
+    import torch
+
+    captions = [f"{c} {n}" for c in ("red", "dark blue", "light grey", "black leather") for n in QUERIES] * 6
+    tokens = encoder.tokenizer(captions)
+
+    def full() -> None:
+        with torch.inference_mode():
+            encoder.model.encode_text(tokens)
+
+    def trimmed() -> None:
+        encoder.encode_texts(captions, batch_size=len(captions))
+
+    def seconds(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    full()  # warm-up
+    times = {name: statistics.median(seconds(fn) for _ in range(repeat))
+             for name, fn in (("full", full), ("trimmed", trimmed))}
+    return {"captions": len(captions), "context": int(tokens.shape[1]),
+            "longest_tokens": int(tokens.argmax(dim=1).max()) + 1,
+            "full_ms_per_caption": 1000 * times["full"] / len(captions),
+            "trimmed_ms_per_caption": 1000 * times["trimmed"] / len(captions),
+            "speedup": times["full"] / times["trimmed"]}
 
 
 def agreement_on_demo() -> dict | None:
@@ -236,6 +267,11 @@ def report(result: dict) -> str:
             f"{result['achieved_over_matmul']['torch fp32']:.2f} of it"
             f"\ndecode+preprocess as ingest does it: {result['decode_preprocess_ms_per_image_1thread']:.1f} ms/image "
             "on one thread")
+    cap = result.get("caption_encoding_torch_fp32")
+    if cap:
+        text += (f"\ncaption encoding (torch fp32 text tower, {cap['captions']} captions of <= {cap['longest_tokens']} "
+                 f"tokens, context {cap['context']}): whole context {cap['full_ms_per_caption']:.2f} ms/caption, "
+                 f"cut after the longest {cap['trimmed_ms_per_caption']:.2f} ms/caption ({cap['speedup']:.1f}x)")
     agree = result["agreement_with_torch_fp32"]
     if agree:
         text += (f"\n\nAgreement with torch fp32, {AGREEMENT_MODEL} (trained) on demo/ (300 product photos, "

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--hflip", action="store_true", help="random horizontal flips")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast while training (train --precision bf16-image)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as train --precision bf16-image)")
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/out/fashion/probe-data.pt"))
     args = parser.parse_args(argv)
     data = load_data(args.cache)
