@@ -110,14 +110,15 @@ def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.T
     if not (isinstance(model, open_clip.CLIP) and model.text_pool_type == "argmax"
             and isinstance(model.attn_mask, torch.Tensor) and tokens.ndim == 2 and len(tokens)):
         return model.encode_text(tokens)
-    length = int(tokens.argmax(dim=1).max()) + 1
+    ends = tokens.argmax(dim=1)  # each text's end token: open_clip's "argmax" pooling position
+    length = int(ends.max()) + 1
     if length >= tokens.shape[1]:
         return model.encode_text(tokens)
     tokens = tokens[:, :length]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-    x = x[torch.arange(len(tokens)), tokens.argmax(dim=1)]  # open_clip's "argmax" pooling
+    x = x[torch.arange(len(tokens)), ends]
     projection = model.text_projection  # a matrix, a Linear or None, as in CLIP.encode_text
     if projection is None:
         return x

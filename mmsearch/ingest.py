@@ -184,19 +184,23 @@ def _encode_and_write(collection, encoder, plan, options, pool, report, progress
     with ThreadPoolExecutor(max_workers=1) as writer:
         commit = None  # the writer's in-flight commit
         encoding: deque = deque()
+
+        def write_oldest() -> None:
+            nonlocal commit, done
+            encoded = encoding.popleft()
+            commit = _write(collection, writer, commit, encoded, report)
+            done += encoded[0]
+            progress("encoding", min(done, total), total)
+
         for size, batch, (pixels, keys) in _decoded_batches(plan, encoder, options.batch_size, pool, report):
             waiter = encoder.submit_pixels(pixels) if pixels is not None else (lambda: [])
             text_rows = [w for w in batch if w.encode_text and w.item.caption]  # a removed caption: no vector
             text_vecs = encoder.encode_texts([w.item.caption for w in text_rows]) if text_rows else []
             encoding.append((size, batch, keys, waiter, dict(zip((w.item.key for w in text_rows), text_vecs))))
             if len(encoding) > 1:
-                commit = _write(collection, writer, commit, encoding[0], report)
-                done += encoding.popleft()[0]
-                progress("encoding", min(done, total), total)
+                write_oldest()
         while encoding:
-            commit = _write(collection, writer, commit, encoding[0], report)
-            done += encoding.popleft()[0]
-            progress("encoding", min(done, total), total)
+            write_oldest()
         if commit is not None:
             commit.result()
 
