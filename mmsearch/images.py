@@ -11,7 +11,13 @@ import warnings
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # libjpeg-turbo straight into numpy: the fast JPEG path of load_pixels
+    import simplejpeg
+except ImportError:  # pragma: no cover - Pillow's path does the same, a little slower
+    simplejpeg = None
 
 from .config import MAX_IMAGE_PIXELS
 from .errors import ItemError
@@ -24,6 +30,7 @@ Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 MAX_IMAGE_BYTES = 512 * 1024**2
 # Longest side / shortest side kept; see _limit_aspect.
 MAX_ASPECT = 20
+EXIF_ORIENTATION = 0x0112
 
 
 def open_image_file(path: str | Path, label: str) -> BinaryIO:
@@ -71,21 +78,37 @@ def load_image(path: str | Path, item: str | None = None, min_side: int | None =
 
     digest: a hashlib object fed the whole file, read once for hashing and decoding (ingest
     fingerprints each new file as it decodes it); the file size is already capped by MAX_IMAGE_BYTES."""
-    label = item or str(path)
+    return _load(path, item or str(path), min_side, digest, as_array=False)
+
+
+def load_pixels(path: str | Path, item: str | None = None, min_side: int | None = None,
+                digest=None) -> np.ndarray:
+    """load_image's RGB pixels as an (H, W, 3) uint8 array, with the same guards and errors.
+
+    A plain JPEG (baseline or progressive YCbCr/grey, upright EXIF) skips Pillow's pixel path: its
+    header is still read and checked by Pillow, then libjpeg-turbo (simplejpeg) decodes it at the same
+    DCT scale straight into the array, without Pillow's copies (bit-identical pixels, a third less
+    CPU: the decode threads of ingest share the cores with the encoder)."""
+    return _load(path, item or str(path), min_side, digest, as_array=True)
+
+
+def _load(path, label: str, min_side: int | None, digest, as_array: bool):
     try:
         with open_image_file(path, label) as fh, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            source = fh
+            data = fh.read() if digest is not None or (as_array and simplejpeg is not None) else None
             if digest is not None:
-                data = fh.read()
                 digest.update(data)
-                source = io.BytesIO(data)
-            with Image.open(source) as img:
+            with Image.open(io.BytesIO(data) if data is not None else fh) as img:
+                pixels = _decode_plain_jpeg(data, img, min_side) if as_array and data is not None else None
+                if pixels is not None:
+                    return _limit_aspect_array(pixels)
                 img.seek(0)
                 if min_side:
                     _draft(img, min_side)
                 img.load()
-                return _limit_aspect(_to_rgb(_exif_upright(img, label)))
+                rgb = _limit_aspect(_to_rgb(_exif_upright(img, label)))
+                return np.array(rgb) if as_array else rgb  # a writable copy: torch wants one
     except ItemError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -98,12 +121,53 @@ def load_image(path: str | Path, item: str | None = None, min_side: int | None =
         raise ItemError(label, f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
 
 
-def _draft(img: Image.Image, min_side: int) -> None:
-    width, height = img.size
+def _plain_jpeg(img: Image.Image) -> bool:
+    """A JPEG that simplejpeg decodes to the same RGB as Pillow: one frame, 3-channel or grey, upright."""
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):  # CMYK / YCCK go through Pillow
+        return False
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block: Pillow's path logs it and keeps the stored pixels
+        return False
+    return orientation == 1
+
+
+def _decode_plain_jpeg(data: bytes, img: Image.Image, min_side: int | None) -> np.ndarray | None:
+    """RGB pixels at the DCT scale Pillow's draft picks for load_image (the same size, the same
+    pixels); None for another kind of image, or when libjpeg-turbo would decode another size: Pillow's
+    path then runs."""
+    if not _plain_jpeg(img):
+        return None
+    width, height = _reduced_size(img.size, min_side)
+    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=height, min_width=width)
+    return pixels if pixels.shape[:2] == (height, width) else None
+
+
+def _draft_request(size: tuple[int, int], min_side: int | None) -> tuple[int, int] | None:
+    """The size load_image asks Pillow's JPEG draft for: both sides >= the encoder's input side."""
+    width, height = size
     shorter = min(width, height)
-    if img.format == "JPEG" and shorter > 2 * min_side:
-        scale = shorter / min_side  # draft keeps both sides >= the requested ones
-        img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+    if not min_side or shorter <= 2 * min_side:
+        return None
+    scale = shorter / min_side
+    return math.ceil(width / scale), math.ceil(height / scale)
+
+
+def _reduced_size(size: tuple[int, int], min_side: int | None) -> tuple[int, int]:
+    """The size Pillow's draft decodes to for _draft_request: the largest 1/8, 1/4 or 1/2 scale that
+    keeps both requested sides (JpegImagePlugin.draft), rounded up like libjpeg."""
+    request = _draft_request(size, min_side)
+    if request is None:
+        return size
+    fits = min(size[0] // request[0], size[1] // request[1])
+    scale = next(s for s in (8, 4, 2, 1) if fits >= s)
+    return -(-size[0] // scale), -(-size[1] // scale)
+
+
+def _draft(img: Image.Image, min_side: int) -> None:
+    request = _draft_request(img.size, min_side)
+    if img.format == "JPEG" and request is not None:  # draft keeps both sides >= the requested ones
+        img.draft("RGB", request)
 
 
 def _exif_upright(img: Image.Image, label: str) -> Image.Image:
@@ -144,3 +208,15 @@ def _limit_aspect(img: Image.Image) -> Image.Image:
     keep = MAX_ASPECT * width
     top = (height - keep) // 2
     return img.crop((0, top, width, top + keep))
+
+
+def _limit_aspect_array(pixels: np.ndarray) -> np.ndarray:
+    """_limit_aspect for an (H, W, 3) array: the same centre crop, as a view."""
+    height, width = pixels.shape[:2]
+    if max(width, height) <= MAX_ASPECT * min(width, height):
+        return pixels
+    if width > height:
+        left = (width - MAX_ASPECT * height) // 2
+        return pixels[:, left : left + MAX_ASPECT * height]
+    top = (height - MAX_ASPECT * width) // 2
+    return pixels[top : top + MAX_ASPECT * width]

@@ -24,7 +24,7 @@ from .collection import Collection
 from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .encoders import Encoder, canonical_ref, load_encoder
 from .errors import ItemError, MMSearchError
-from .images import load_image, open_image_file
+from .images import load_image, load_pixels, open_image_file
 from .index import DEFAULT_MAX_MEMORY
 from .store import ItemRecord
 from .textonnx import export_text_encoder
@@ -236,9 +236,10 @@ def _decoded_batches(plan, encoder, batch_size, pool, report) -> Iterator[tuple[
     batches = [b for b in [plan[:first]] + [plan[i : i + batch_size] for i in range(first, len(plan), batch_size)] if b]
     prepare = getattr(encoder.preprocess, "prepare", encoder.preprocess)  # pixels.FastPreprocess: uint8
     collate = getattr(encoder.preprocess, "collate", torch.stack)
+    loader = load_pixels if getattr(encoder.preprocess, "accepts_arrays", False) else load_image
 
     def submit(batch):
-        decodes = [pool.submit(_decode, w, prepare, encoder.input_side) if w.encode_image and w.item.image
+        decodes = [pool.submit(_decode, w, loader, prepare, encoder.input_side) if w.encode_image and w.item.image
                    else None for w in batch]
         return pool.submit(_assemble, batch, decodes, collate)
 
@@ -268,11 +269,12 @@ def _assemble(batch: list[_Work], decodes: list, collate):
     return kept, failed, (pixels, [k for k, _ in tensors])
 
 
-def _decode(work: _Work, prepare, input_side: int) -> tuple[torch.Tensor, str] | ItemError:
-    """(pixels, the image file's hash); a new item's file is hashed here, as it is read."""
+def _decode(work: _Work, loader, prepare, input_side: int) -> tuple[torch.Tensor, str] | ItemError:
+    """(pixels, the image file's hash); a new item's file is hashed here, as it is read.
+    loader: images.load_pixels for a preprocess that takes arrays, else images.load_image."""
     digest = hashlib.sha256() if work.image_hash is None else None
     try:
-        pixels = prepare(load_image(work.item.image, work.item.key, min_side=input_side, digest=digest))
+        pixels = prepare(loader(work.item.image, work.item.key, min_side=input_side, digest=digest))
     except ItemError as exc:
         return exc
     except Exception as exc:  # a transform failing on a strange image is an item problem, not a crash

@@ -20,7 +20,12 @@ _MODES = ("bicubic", "bilinear")  # torchvision InterpolationMode values F.inter
 
 
 class FastPreprocess:
-    """Callable PIL image -> normalised float32 tensor (3, H, W), like the transform it replaces."""
+    """Callable PIL image -> normalised float32 tensor (3, H, W), like the transform it replaces.
+
+    It also takes the (H, W, 3) uint8 RGB arrays of images.load_pixels (ingest's decode threads), so
+    a JPEG goes from libjpeg-turbo to the resize without a Pillow image in between."""
+
+    accepts_arrays = True  # ingest decodes to arrays for it (images.load_pixels)
 
     def __init__(self, shorter_side: int, crop: tuple[int, int], mode: str, mean, std, fallback=None):
         self.shorter_side, self.crop, self.mode = shorter_side, crop, mode
@@ -29,13 +34,15 @@ class FastPreprocess:
         self.scale = 1.0 / (255.0 * std_t)  # ToTensor's /255 and Normalize's /std in one factor
         self.shift = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image | np.ndarray) -> torch.Tensor:
         return self.normalise(self.prepare(img))
 
-    def prepare(self, img: Image.Image) -> torch.Tensor:
+    def prepare(self, img: Image.Image | np.ndarray) -> torch.Tensor:
         """uint8 pixels (what decode threads hand over: 4x less to copy), or the fallback's floats."""
         pixels = self.uint8(img)
-        return self.fallback(img) if pixels is None else pixels
+        if pixels is not None:
+            return pixels
+        return self.fallback(Image.fromarray(img) if isinstance(img, np.ndarray) else img)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) -> the normalised float32 the model takes; floats pass through."""
@@ -49,12 +56,10 @@ class FastPreprocess:
             return self.normalise(torch.stack(prepared))
         return torch.stack([self.normalise(p) for p in prepared])
 
-    def uint8(self, img: Image.Image) -> torch.Tensor | None:
+    def uint8(self, img: Image.Image | np.ndarray) -> torch.Tensor | None:
         """The resized, centre-cropped pixels (3, H, W) uint8, before normalisation; None for an
         image smaller than the crop after resizing (torchvision pads it)."""
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        hwc = torch.from_numpy(np.array(img, dtype=np.uint8))  # writable copy: torch wants it
+        hwc = torch.from_numpy(_rgb_array(img))
         chw = hwc.permute(2, 0, 1).unsqueeze(0)  # a channels-last view: the layout the uint8 kernels want
         height, width = chw.shape[-2:]
         new_h, new_w = _shorter_side_size(height, width, self.shorter_side)
@@ -65,6 +70,18 @@ class FastPreprocess:
             return None
         top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
         return chw[0, :, top : top + crop_h, left : left + crop_w].contiguous()
+
+
+def _rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB that torch can wrap: an RGB array as it is (load_pixels' arrays are
+    writable), a PIL image converted and copied."""
+    if isinstance(img, np.ndarray):
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {img.dtype} {img.shape}")
+        return img if img.flags.writeable else img.copy()
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.array(img, dtype=np.uint8)  # writable copy: torch wants it
 
 
 def _shorter_side_size(height: int, width: int, side: int) -> tuple[int, int]:
