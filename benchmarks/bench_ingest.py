@@ -9,10 +9,14 @@ interleaved runs (so load changes hit all alike):
   encode, SQLite rows + vectors per batch, FAISS publish), against its own bare encoder;
 - agreement of each option with torch fp32: top-10 overlap of image->image and text->image retrieval
   and mean cosine, with trained weights (mmsearch-fashion) on the demo catalog's product photos;
-- achieved GFLOP/s of the encoder (FLOPs counted by torch.utils.flop_counter) vs a large fp32 matmul.
+- achieved GFLOP/s of the encoder (FLOPs counted by torch.utils.flop_counter) vs a large fp32 matmul;
+- CPU accounting (process CPU time per image, all threads): what the pipeline spends beyond its bare
+  encoder (decode, preprocess, rows, threads), and the ceiling that puts on pipeline / bare when the
+  encoder alone already keeps every core busy (ceiling = bare core-ms / pipeline core-ms).
 
     python benchmarks/bench_ingest.py            # 192 images 640x480, 3 repeats
     python benchmarks/bench_ingest.py --quick    # 48 images, 1 repeat
+    python benchmarks/bench_ingest.py --images 960 --skip-agreement --name bench_ingest_960   # steady state
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `mmsearch index` (cli.py) sets it; before torch loads
 
 import argparse  # noqa: E402
+import resource
 import shutil
 import statistics
 import sys
@@ -62,24 +67,32 @@ def make_images(folder: Path, n: int, size=(640, 480), seed: int = 0) -> list[Pa
     return paths
 
 
-def encode_batches(fn, batches) -> float:
-    t0 = time.perf_counter()
+def process_cpu() -> float:
+    """CPU seconds of this process so far, every thread (encoder streams, decode pool, writer)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def encode_batches(fn, batches) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) to encode every batch."""
+    c0, t0 = process_cpu(), time.perf_counter()
     for batch in batches:
         fn(batch)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, process_cpu() - c0
 
 
-def run_pipeline(folder: Path, encoder, batch_size: int, workers: int, tmp: Path) -> float:
+def run_pipeline(folder: Path, encoder, batch_size: int, workers: int, tmp: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one whole ingest of the folder into a new index."""
     from mmsearch.ingest import IngestOptions, ingest
 
     index_dir = Path(tempfile.mkdtemp(dir=tmp))
-    t0 = time.perf_counter()
+    c0, t0 = process_cpu(), time.perf_counter()
     report = ingest(folder, index_dir, IngestOptions(batch_size=batch_size, workers=workers, index_type="flat"),
                     encoder=encoder)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, process_cpu() - c0
     assert report.added == len(list(folder.glob("*.jpg"))) and not report.failed, report.to_dict()
     shutil.rmtree(index_dir)
-    return elapsed
+    return elapsed, cpu
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -148,27 +161,29 @@ def load_variants(name: str, pretrained: str | None) -> dict:
 def speed(args, tmp: Path) -> dict:
     import torch
 
-    from mmsearch.images import load_image
+    from mmsearch.images import load_pixels
 
     n, repeat = (48, 1) if args.quick else (args.images, args.repeat)
     paths = make_images(tmp / "images", n)
     encoders = load_variants(args.model, args.pretrained)
     fp32 = encoders["torch fp32"]
     t0 = time.perf_counter()  # as ingest decodes: JPEG at reduced DCT scale, then the eval preprocessing
-    pixels = torch.stack([fp32.preprocess(load_image(p, min_side=fp32.input_side)) for p in paths])
+    pixels = torch.stack([fp32.preprocess(load_pixels(p, min_side=fp32.input_side)) for p in paths])
     decode_ms = 1000 * (time.perf_counter() - t0) / n
     batches = list(torch.split(pixels, args.batch_size))
     for encoder in encoders.values():  # warm up
         encoder.encode_pixels(batches[0][:2])
     runs: dict[str, list[float]] = {k: [] for k in [*VARIANTS, *PIPELINES]}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(repeat):  # interleaved, so load changes hit every variant alike
         for key, encoder in encoders.items():
-            runs[key].append(encode_batches(encoder.encode_pixels, batches))
+            _record(runs, cpu, key, encode_batches(encoder.encode_pixels, batches))
         for key, (variant, workers) in PIPELINES.items():
-            runs[key].append(run_pipeline(tmp / "images", encoders[variant], args.batch_size, workers, tmp))
+            _record(runs, cpu, key, run_pipeline(tmp / "images", encoders[variant], args.batch_size, workers, tmp))
         print(f"repeat {r + 1}/{repeat}: " + ", ".join(f"{k} {n / v[-1]:.2f} img/s" for k, v in runs.items()),
               flush=True)
     ips = {k: n / statistics.median(v) for k, v in runs.items()}
+    cpu_ms = {k: 1000 * statistics.median(v) / n for k, v in cpu.items()}
     flops = encoder_flops(fp32.model, pixels.shape[-1])
     captions = caption_encoding(fp32, repeat)
     return {"model": args.model + (f" --pretrained {args.pretrained}" if args.pretrained else ""), "images": n,
@@ -176,8 +191,17 @@ def speed(args, tmp: Path) -> dict:
             "decode_preprocess_ms_per_image_1thread": decode_ms, "images_per_s": ips,
             "x_bare_torch_fp32": {k: v / ips["torch fp32"] for k, v in ips.items()},
             "pipeline_over_its_bare_encoder": {k: ips[k] / ips[v] for k, (v, _) in PIPELINES.items()},
+            "cpu_core_ms_per_image": cpu_ms, "cores": os.cpu_count(),
+            "cpu_busy_fraction": {k: cpu_ms[k] * ips[k] / 1000 / (os.cpu_count() or 1) for k in cpu_ms},
+            "pipeline_cpu_ceiling": {k: cpu_ms[v] / cpu_ms[k] for k, (v, _) in PIPELINES.items()},
+            "raw_runs_s": runs, "raw_cpu_s": cpu,
             "encoder_gflop_per_image": flops / 1e9, "caption_encoding_torch_fp32": captions,
             "achieved_gflops": {k: flops * ips[k] / 1e9 for k in VARIANTS}}
+
+
+def _record(runs: dict, cpu: dict, key: str, measured: tuple[float, float]) -> None:
+    runs[key].append(measured[0])
+    cpu[key].append(measured[1])
 
 
 def caption_encoding(encoder, repeat: int) -> dict:
@@ -241,17 +265,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip-agreement", action="store_true", help="speed only (no trained-model agreement)")
+    parser.add_argument("--name", help="results file name (default bench_ingest, or bench_ingest_quick)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mmsearch-bench-ingest-"))
     os.environ.setdefault("MMSEARCH_CACHE", str(tmp / "cache"))  # ONNX exports: made fresh, not timed
     try:
         result = {"machine": machine(), "image_size_on_disk": "640x480 JPEG q90", **speed(args, tmp)}
-        result["agreement_with_torch_fp32"] = agreement_on_demo()
+        result["agreement_with_torch_fp32"] = None if args.skip_agreement else agreement_on_demo()
         result["matmul_fp32_gflops"] = matmul_gflops()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["achieved_over_matmul"] = {k: v / result["matmul_fp32_gflops"] for k, v in result["achieved_gflops"].items()}
-    write_results("bench_ingest_quick" if args.quick else "bench_ingest", result, report(result))
+    write_results(args.name or ("bench_ingest_quick" if args.quick else "bench_ingest"), result, report(result))
 
 
 def report(result: dict) -> str:
@@ -267,6 +293,7 @@ def report(result: dict) -> str:
             f"{result['achieved_over_matmul']['torch fp32']:.2f} of it"
             f"\ndecode+preprocess as ingest does it: {result['decode_preprocess_ms_per_image_1thread']:.1f} ms/image "
             "on one thread")
+    text += "\n\n" + cpu_report(result)
     cap = result.get("caption_encoding_torch_fp32")
     if cap:
         text += (f"\ncaption encoding (torch fp32 text tower, {cap['captions']} captions of <= {cap['longest_tokens']} "
@@ -280,6 +307,21 @@ def report(result: dict) -> str:
                              [[k, f"{v['image_to_image_top10_overlap']:.3f}", f"{v['text_to_image_top10_overlap']:.3f}",
                                f"{v['mean_cosine_image_vectors']:.4f}"] for k, v in agree.items()]))
     return text
+
+
+def cpu_report(result: dict) -> str:
+    """Where the pipeline's CPU goes: its encoder, and the rest (decode, preprocess, rows, threads)."""
+    cpu_ms, busy, ceiling = result["cpu_core_ms_per_image"], result["cpu_busy_fraction"], result["pipeline_cpu_ceiling"]
+    rows = []
+    for key, (variant, _) in PIPELINES.items():
+        rows.append([key, f"{cpu_ms[variant]:.2f}", f"{cpu_ms[key]:.2f}", f"{cpu_ms[key] - cpu_ms[variant]:.2f}",
+                     f"{busy[variant]:.2f} / {busy[key]:.2f}", f"{ceiling[key]:.3f}",
+                     f"{result['pipeline_over_its_bare_encoder'][key]:.3f}"])
+    return (f"CPU per image (process CPU time, all threads; {result['cores']} cores), medians\n"
+            + fmt_table(["pipeline", "bare core-ms", "pipeline core-ms", "extra core-ms", "cores busy bare / pipe",
+                         "ceiling", "measured"], rows)
+            + "\nceiling = bare core-ms / pipeline core-ms: the best pipeline / bare when the bare encoder already "
+            "keeps every core busy")
 
 
 if __name__ == "__main__":
