@@ -564,3 +564,38 @@ def _listing(folder: Path) -> set[str]:
         st = path.lstat()
         out.add(f"{path.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}")
     return out
+
+
+def test_ingest_vectors_equal_the_pillow_decode_path(tmp_path, catalog_dir, tiny_encoder):
+    """Ingest decodes JPEGs with libjpeg-turbo into arrays (images.load_pixels); the stored vectors must
+    be those of Pillow's decode (load_image), the path queries and older indexes used."""
+    import numpy as np
+    import torch
+
+    from mmsearch.images import load_image
+
+    index = tmp_path / "idx"
+    ingest(catalog_dir / "catalog.csv", index, IngestOptions(batch_size=4), encoder=tiny_encoder)
+    collection = Collection.open(index)
+    try:
+        ids, vectors = collection.all_vectors("image")
+        items = collection.store.items([int(i) for i in ids])
+    finally:
+        collection.close()
+    by_key = {items[int(i)].key: vec for i, vec in zip(ids, vectors)}
+    for key in ("boot-red", "boot-blue", "bag-black"):  # two JPEGs, a PNG
+        path = next((catalog_dir / "images").glob(f"{key}.*"))
+        pixels = tiny_encoder.preprocess(load_image(path, min_side=tiny_encoder.input_side))
+        want = tiny_encoder.encode_pixels(torch.stack([pixels]))[0]
+        np.testing.assert_allclose(by_key[key], want, atol=1e-5)
+
+
+def test_ingest_keeps_the_gc_off_objects_made_before_it(tmp_path, catalog_dir, tiny_encoder):
+    import gc
+
+    before = gc.get_freeze_count()
+    frozen_during: list[int] = []
+    ingest(catalog_dir / "catalog.csv", tmp_path / "idx", IngestOptions(batch_size=4), encoder=tiny_encoder,
+           progress=lambda stage, done, total: frozen_during.append(gc.get_freeze_count()))
+    assert frozen_during and min(frozen_during) > before  # the model and everything before the run
+    assert gc.get_freeze_count() == before  # handed back to the collector afterwards
