@@ -198,25 +198,24 @@ def _limit_aspect(img: Image.Image) -> Image.Image:
     Encoders resize the shorter side to their input size, so a 60000x2 strip would become a
     multi-gigapixel tensor (an out-of-memory kill, not an error); their centre crop means they only
     look at the middle anyway, so cropping first changes nothing they see."""
-    width, height = img.size
-    if max(width, height) <= MAX_ASPECT * min(width, height):
-        return img
-    if width > height:
-        keep = MAX_ASPECT * height
-        left = (width - keep) // 2
-        return img.crop((left, 0, left + keep, height))
-    keep = MAX_ASPECT * width
-    top = (height - keep) // 2
-    return img.crop((0, top, width, top + keep))
+    box = _aspect_box(*img.size)
+    return img if box is None else img.crop(box)
 
 
 def _limit_aspect_array(pixels: np.ndarray) -> np.ndarray:
     """_limit_aspect for an (H, W, 3) array: the same centre crop, as a view."""
-    height, width = pixels.shape[:2]
+    box = _aspect_box(pixels.shape[1], pixels.shape[0])
+    return pixels if box is None else pixels[box[1] : box[3], box[0] : box[2]]
+
+
+def _aspect_box(width: int, height: int) -> tuple[int, int, int, int] | None:
+    """The (left, top, right, bottom) centre box at MAX_ASPECT:1, or None when the image is within it."""
     if max(width, height) <= MAX_ASPECT * min(width, height):
-        return pixels
+        return None
     if width > height:
-        left = (width - MAX_ASPECT * height) // 2
-        return pixels[:, left : left + MAX_ASPECT * height]
-    top = (height - MAX_ASPECT * width) // 2
-    return pixels[top : top + MAX_ASPECT * width]
+        keep = MAX_ASPECT * height
+        left = (width - keep) // 2
+        return left, 0, left + keep, height
+    keep = MAX_ASPECT * width
+    top = (height - keep) // 2
+    return 0, top, width, top + keep
