@@ -1,6 +1,7 @@
 """ONNX Runtime image encoding (`index --runtime onnx [--quantize int8]`) against the torch path."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -9,9 +10,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mmsearch import imageonnx
+from mmsearch import ingest as ingest_module
 from mmsearch.cli import cli
+from mmsearch.collection import Collection
 from mmsearch.encoders import load_encoder
 from mmsearch.errors import ModelLoadError
+from mmsearch.images import load_image, load_pixels
+from mmsearch.ingest import IngestOptions, ingest
 
 PRODUCTS = ["boot-red", "boot-blue", "sneaker-green", "sneaker-white", "dress-yellow", "dress-purple",
             "bag-brown", "bag-black"]
@@ -77,6 +82,71 @@ def test_a_batch_split_across_streams_keeps_its_order(tiny_encoder, pixels, tmp_
     monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
     tower = imageonnx.image_tower(tiny_encoder, "fp32")
     one = imageonnx.OnnxImageTower(tower.session, "fp32", streams=1).encode(pixels.numpy())
-    for streams in (2, 3, len(pixels) + 2):  # uneven slices, and more streams than images
-        got = imageonnx.OnnxImageTower(tower.session, "fp32", streams=streams).encode(pixels.numpy())
-        np.testing.assert_allclose(got, one, atol=1e-6)
+    for streams, slice_images in ((2, 1), (2, 3), (3, 2), (len(pixels) + 2, 1), (2, len(pixels))):
+        got = imageonnx.OnnxImageTower(tower.session, "fp32", streams, slice_images).encode(pixels.numpy())
+        np.testing.assert_allclose(got, one, atol=1e-6)  # uneven slices, more streams than slices
+
+
+def test_submitted_batches_queue_behind_each_other_and_keep_their_own_vectors(tiny_encoder, pixels, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    tower = imageonnx.OnnxImageTower(imageonnx.image_tower(tiny_encoder, "fp32").session, "fp32", 2, 3)
+    first, second = pixels.numpy(), pixels.numpy()[::-1].copy()
+    waiting = [tower.submit(first), tower.submit(second)]  # both queued before either is waited for
+    np.testing.assert_allclose(waiting[1](), tower.encode_here(second), atol=1e-6)
+    np.testing.assert_allclose(waiting[0](), tower.encode_here(first), atol=1e-6)
+
+
+def test_run_on_stream_runs_the_job_on_a_stream_thread(tiny_encoder, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    tower = imageonnx.OnnxImageTower(imageonnx.image_tower(tiny_encoder, "fp32").session, "fp32", streams=2)
+    names = {tower.run_on_stream(lambda: threading.current_thread().name).result() for _ in range(8)}
+    assert names and all(name.startswith("onnx-stream") for name in names)
+    assert threading.current_thread().name not in names
+
+
+def test_onnx_ingest_decodes_on_the_streams_skips_bad_items_and_stores_the_towers_vectors(
+        tmp_path, catalog_dir, tiny_checkpoint, monkeypatch):
+    """With the ONNX tower each slice is decoded and encoded by one stream thread; a bad file in a
+    slice is reported and skipped, its slice-mates are stored with the vectors the tower gives them."""
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    encoder = load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="onnx")
+    encoder.image_tower = imageonnx.OnnxImageTower(encoder.image_tower.session, "fp32", streams=2, slice_images=3)
+    decoded_on: list[tuple[str, int]] = []  # (thread, torch threads it runs its ops on)
+
+    def recording_loader(*args, **kwargs):
+        decoded_on.append((threading.current_thread().name, torch.get_num_threads()))
+        return load_pixels(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "load_pixels", recording_loader)
+    torch_threads = torch.get_num_threads()
+    report = ingest(catalog_dir / "catalog.csv", tmp_path / "idx", IngestOptions(batch_size=4), encoder=encoder)
+    assert report.added == 9 and sorted(e.item for e in report.failed) == ["notes", "truncated"]
+    assert len(decoded_on) == 10 and all(name.startswith("onnx-stream") for name, _ in decoded_on)
+    assert {threads for _, threads in decoded_on} == {1}  # no OpenMP helpers preempting the other stream
+    assert torch.get_num_threads() == torch_threads  # this thread's count is back
+    collection = Collection.open(tmp_path / "idx")
+    try:
+        ids, vectors = collection.all_vectors("image")
+        items = collection.store.items([int(i) for i in ids])
+        text_ids, _ = collection.all_vectors("text")
+    finally:
+        collection.close()
+    by_key = {items[int(i)].key: vec for i, vec in zip(ids, vectors)}
+    assert sorted(by_key) == sorted(PRODUCTS) and len(text_ids) == 9  # caption-only has its text vector
+    for key, vector in by_key.items():
+        path = next((catalog_dir / "images").glob(f"{key}.*"))
+        pixels = encoder.preprocess(load_image(path, min_side=encoder.input_side))
+        np.testing.assert_allclose(vector, encoder.image_tower.encode_here(pixels[None].numpy())[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("total", [1, 5, 28, 192, 1000])
+def test_guided_slices_are_full_until_the_end_then_shrink(total):
+    sizes, left = [], total
+    while left:
+        sizes.append(ingest_module._guided_slice(left, streams=2, full=8))
+        left -= sizes[-1]
+    assert sum(sizes) == total and all(1 <= s <= 8 for s in sizes)
+    assert sizes == sorted(sizes, reverse=True)  # never a big slice after a small one
+    assert all(s == 8 for s in sizes[: max(0, (total - 32) // 8)])  # full slices while 32+ images are left
+    assert sizes[-1] <= ingest_module.MIN_TAIL_SLICE
