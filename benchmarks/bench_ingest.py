@@ -5,8 +5,9 @@ interleaved runs (so load changes hit all alike):
 - bare: the image encoder on pre-decoded, pre-processed batches, for each way `mmsearch index` can
   encode: torch fp32, torch dynamic int8 (`--quantize int8`), ONNX Runtime fp32 (`--runtime onnx`) and
   ONNX Runtime dynamic int8 (`--runtime onnx --quantize int8`), exported and checked by the library;
-- pipeline: mmsearch.ingest.ingest on the image folder (hash, decode in threads with look-ahead,
-  encode, SQLite rows + vectors per batch, FAISS publish), against its own bare encoder;
+- pipeline: mmsearch.ingest.ingest on the image folder (hash, decode with look-ahead, encode, SQLite
+  rows + vectors per batch, FAISS publish), against its own bare encoder. torch: decode threads feed
+  the encoder; ONNX Runtime: each stream thread decodes a slice of images, then encodes it;
 - agreement of each option with torch fp32: top-10 overlap of image->image and text->image retrieval
   and mean cosine, with trained weights (mmsearch-fashion) on the demo catalog's product photos;
 - achieved GFLOP/s of the encoder (FLOPs counted by torch.utils.flop_counter) vs a large fp32 matmul;
@@ -153,7 +154,7 @@ VARIANTS = {  # name: (runtime, quantize)
 PIPELINES = {  # name: (variant, decode threads)
     "pipeline torch fp32, 1 decode thread": ("torch fp32", 1),
     "pipeline torch fp32, 2 decode threads": ("torch fp32", 2),
-    "pipeline onnxruntime int8, 2 decode threads": ("onnxruntime int8", 2),
+    "pipeline onnxruntime int8, decode on its streams": ("onnxruntime int8", 2),  # see ingest._in_stream_batches
 }
 AGREEMENT_MODEL = "mmsearch-fashion"  # trained weights, so top-10 agreement means something
 
