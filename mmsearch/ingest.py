@@ -14,7 +14,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -200,7 +200,10 @@ def _encode_and_write(collection, encoder, plan, options, pool, report, progress
     progress("encoding", 0, total)
     in_stream = encoder.image_tower is not None
     batches = _in_stream_batches if in_stream else _pipelined_batches
-    with ThreadPoolExecutor(max_workers=1) as writer, _one_torch_thread() if in_stream else nullcontext():
+    with ExitStack() as stack:
+        writer = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        if in_stream:
+            stack.enter_context(_one_torch_thread())
         commit = None  # the writer's in-flight commit
         encoding: deque = deque()
 
@@ -211,7 +214,8 @@ def _encode_and_write(collection, encoder, plan, options, pool, report, progress
             done += size
             progress("encoding", min(done, total), total)
 
-        for size, batch, images_done in batches(plan, encoder, options.batch_size, pool):
+        source = stack.enter_context(closing(batches(plan, encoder, options.batch_size, pool)))
+        for size, batch, images_done in source:
             text_rows = [w for w in batch if w.encode_text and w.item.caption]  # a removed caption: no vector
             text_vecs = encoder.encode_texts([w.item.caption for w in text_rows]) if text_rows else []
             encoding.append((size, images_done, dict(zip((w.item.key for w in text_rows), text_vecs))))
@@ -334,6 +338,7 @@ def _pipelined_batches(plan, encoder, batch_size, pool) -> BatchSource:
 
 
 def _encoded(kept: list[_Work], failed: list[ItemError], keys: list[str], vectors: Callable) -> _Images:
+    """The batch's _Images once the encoder's vectors for it are ready."""
     return _Images(kept, failed, dict(zip(keys, vectors())))
 
 
@@ -348,21 +353,28 @@ def _in_stream_batches(plan, encoder, batch_size, pool) -> BatchSource:
         return _Images(kept, failed, dict(zip(keys, tower.encode_here(pixels.numpy()))) if pixels is not None else {})
 
     left = len(plan)  # works not yet handed to a stream
+    unfinished: set[Future] = set()  # slices queued or running on the streams
 
     def submit(batch):
         nonlocal left
         futures, start = [], 0
         while start < len(batch):
             works = batch[start : start + _guided_slice(left, tower.streams, tower.slice_images)]
-            futures.append(tower.run_on_stream(partial(encode_slice, works)))
+            futures.append(future := tower.run_on_stream(partial(encode_slice, works)))
+            unfinished.add(future)
+            future.add_done_callback(unfinished.discard)
             start, left = start + len(works), left - len(works)
         return futures
 
     pending = deque(submit(batch) for batch in batches[:DECODE_LOOKAHEAD])
-    for i, batch in enumerate(batches):
-        if i + DECODE_LOOKAHEAD < len(batches):
-            pending.append(submit(batches[i + DECODE_LOOKAHEAD]))
-        yield len(batch), batch, partial(_gathered, pending.popleft())
+    try:
+        for i, batch in enumerate(batches):
+            if i + DECODE_LOOKAHEAD < len(batches):
+                pending.append(submit(batches[i + DECODE_LOOKAHEAD]))
+            yield len(batch), batch, partial(_gathered, pending.popleft())
+    finally:  # a run that stops early (a failed commit, Ctrl-C) leaves no queued slices on the streams
+        for future in list(unfinished):
+            future.cancel()
 
 
 def _guided_slice(left: int, streams: int, full: int) -> int:

@@ -150,3 +150,38 @@ def test_guided_slices_are_full_until_the_end_then_shrink(total):
     assert sizes == sorted(sizes, reverse=True)  # never a big slice after a small one
     assert all(s == 8 for s in sizes[: max(0, (total - 32) // 8)])  # full slices while 32+ images are left
     assert sizes[-1] <= ingest_module.MIN_TAIL_SLICE
+
+
+def test_a_failed_onnx_ingest_leaves_no_slices_queued_on_the_streams(tmp_path, tiny_checkpoint, monkeypatch):
+    """A commit that fails (disk full, say) stops the run: the slices queued behind it are cancelled,
+    not decoded and encoded for nothing on the shared stream threads."""
+    from mmsearch.store import Store
+
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(60):
+        Image.new("RGB", (40, 30), (4 * i, 255 - 4 * i, 128)).save(folder / f"p{i:02d}.jpg")
+    encoder = load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="onnx")
+    tower = imageonnx.OnnxImageTower(encoder.image_tower.session, "fp32", streams=2, slice_images=1)
+    encoder.image_tower = tower
+    first_two_batches = 1 + 4  # batch_size 4: a first batch of 1, then 4
+    gate, decoded = threading.Event(), []
+
+    def gated_loader(path, *args, **kwargs):  # the streams block on the third batch until the run has failed
+        decoded.append(path)
+        if len(decoded) > first_two_batches:
+            gate.wait(timeout=30)
+        return load_pixels(path, *args, **kwargs)
+
+    def full_disk(self, records):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ingest_module, "load_pixels", gated_loader)
+    monkeypatch.setattr(Store, "write_batch", full_disk)
+    with pytest.raises(OSError, match="No space left"):  # batch 2's write finds batch 1's commit failed
+        ingest(folder, tmp_path / "idx", IngestOptions(batch_size=4), encoder=encoder)
+    gate.set()
+    tower.run_on_stream(lambda: None).result()  # queued behind every slice: the streams are idle now
+    # the slices that had started (one per stream) finished; the 16 queued behind them never ran
+    assert len(decoded) <= first_two_batches + tower.streams
