@@ -372,9 +372,10 @@ def _in_stream_batches(plan, encoder, batch_size, pool) -> BatchSource:
             if i + DECODE_LOOKAHEAD < len(batches):
                 pending.append(submit(batches[i + DECODE_LOOKAHEAD]))
             yield len(batch), batch, partial(_gathered, pending.popleft())
-    finally:  # a run that stops early (a failed commit, Ctrl-C) leaves no queued slices on the streams
-        for future in list(unfinished):
+    except BaseException:  # closed early (a failed commit, Ctrl-C): no queued slices left on the streams
+        for future in list(unfinished):  # (after the last batch, the caller still waits for its slices)
             future.cancel()
+        raise
 
 
 def _guided_slice(left: int, streams: int, full: int) -> int:

@@ -2,6 +2,8 @@
 
 import json
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,13 +160,8 @@ def test_a_failed_onnx_ingest_leaves_no_slices_queued_on_the_streams(tmp_path, t
     from mmsearch.store import Store
 
     monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(60):
-        Image.new("RGB", (40, 30), (4 * i, 255 - 4 * i, 128)).save(folder / f"p{i:02d}.jpg")
-    encoder = load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="onnx")
-    tower = imageonnx.OnnxImageTower(encoder.image_tower.session, "fp32", streams=2, slice_images=1)
-    encoder.image_tower = tower
+    folder, encoder = _photo_folder(tmp_path, 60), _one_image_slices(tiny_checkpoint)
+    tower = encoder.image_tower
     first_two_batches = 1 + 4  # batch_size 4: a first batch of 1, then 4
     gate, decoded = threading.Event(), []
 
@@ -185,3 +182,34 @@ def test_a_failed_onnx_ingest_leaves_no_slices_queued_on_the_streams(tmp_path, t
     tower.run_on_stream(lambda: None).result()  # queued behind every slice: the streams are idle now
     # the slices that had started (one per stream) finished; the 16 queued behind them never ran
     assert len(decoded) <= first_two_batches + tower.streams
+
+
+def test_the_last_slices_are_waited_for_not_cancelled(tmp_path, tiny_checkpoint, monkeypatch):
+    """The batch source is done once the last batch is queued; its slices still running or queued on
+    the streams then belong to the writes that wait for them."""
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    folder, encoder = _photo_folder(tmp_path, 12), _one_image_slices(tiny_checkpoint)
+
+    def slow_at_the_end(path, *args, **kwargs):  # both streams busy, two slices queued behind them
+        if Path(path).stem >= "p08":
+            time.sleep(0.2)
+        return load_pixels(path, *args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "load_pixels", slow_at_the_end)
+    report = ingest(folder, tmp_path / "idx", IngestOptions(batch_size=4), encoder=encoder)
+    assert report.added == 12 and not report.failed
+
+
+def _photo_folder(tmp_path, count: int) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(count):
+        Image.new("RGB", (40, 30), (4 * i, 255 - 4 * i, 128)).save(folder / f"p{i:02d}.jpg")
+    return folder
+
+
+def _one_image_slices(checkpoint):
+    """The tiny model's ONNX tower on 2 streams, one image per slice: many slices queue up."""
+    encoder = load_encoder("mmsearch-tiny", str(checkpoint), runtime="onnx")
+    encoder.image_tower = imageonnx.OnnxImageTower(encoder.image_tower.session, "fp32", streams=2, slice_images=1)
+    return encoder
