@@ -316,6 +316,13 @@ def report(result: dict) -> str:
     return text
 
 
+def paired_ratios(result: dict) -> dict[str, list[float]]:
+    """Each repeat's pipeline / bare (bare seconds / pipeline seconds of the same repeat): the spread
+    the medians above hide on a shared machine."""
+    runs = result["raw_runs_s"]
+    return {key: [b / p for b, p in zip(runs[variant], runs[key])] for key, (variant, _) in PIPELINES.items()}
+
+
 def cpu_report(result: dict) -> str:
     """Where the pipeline's CPU goes: its encoder, and the rest (decode, preprocess, rows, threads)."""
     cpu_ms, busy, ceiling = result["cpu_core_ms_per_image"], result["cpu_busy_fraction"], result["pipeline_cpu_ceiling"]
@@ -324,7 +331,11 @@ def cpu_report(result: dict) -> str:
         rows.append([key, f"{cpu_ms[variant]:.2f}", f"{cpu_ms[key]:.2f}", f"{cpu_ms[key] - cpu_ms[variant]:.2f}",
                      f"{busy[variant]:.2f} / {busy[key]:.2f}", f"{ceiling[key]:.3f}",
                      f"{result['pipeline_over_its_bare_encoder'][key]:.3f}"])
-    return (f"CPU per image (process CPU time, all threads; {result['cores']} cores), medians\n"
+    paired = "\n".join(f"{key}: pipeline / bare per repeat (against the same repeat's bare run) "
+                        + ", ".join(f"{r:.3f}" for r in ratios) + f"; median {statistics.median(ratios):.3f}"
+                        for key, ratios in paired_ratios(result).items())
+    return (paired + "\n\n"
+            f"CPU per image (process CPU time, all threads; {result['cores']} cores), medians\n"
             + fmt_table(["pipeline", "bare core-ms", "pipeline core-ms", "extra core-ms", "cores busy bare / pipe",
                          "ceiling", "measured"], rows)
             + "\nceiling = bare core-ms / pipeline core-ms: the best pipeline / bare when the bare encoder already "

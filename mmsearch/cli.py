@@ -81,7 +81,9 @@ def cli(verbose: int) -> None:
               "(default for a new index: ViT-B-32 laion2b_s34b_b79k; an existing index keeps its model).")
 @click.option("--pretrained", help="Weights: a tag, a local .safetensors/.pt file, or 'random' (tests only).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=0, help="Decode threads (0 = one per core).")
+@click.option("--workers", type=click.IntRange(min=0), default=0,
+              help="Decode and hashing threads (0 = one per core). With --runtime onnx, images are decoded "
+                   "on the encoder's streams (one per core) and these threads only hash.")
 @click.option("--delete/--no-delete", default=True, show_default=True,
               help="Remove indexed items that are no longer in the catalog.")
 @click.option("--index-type", type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]), default="auto",

@@ -41,9 +41,10 @@ def stream_layout(cores: int | None = None) -> tuple[int, int]:
     """(streams, threads per stream) for this machine.
 
     A batch is split into slices run concurrently by `streams` threads on one session (shared
-    weights), each with its own intra-op threads. On few cores one thread per stream wins twice: no per-operator barrier
-    between threads (a decode thread preempting one of them stalled every operator of the other), and
-    bigger matmuls per thread. Measured on 2 cores: 2 streams x 1 thread 94-100 img/s, 1 x 2: 84-86."""
+    weights), each with its own intra-op threads. On few cores one thread per stream wins twice: no
+    per-operator barrier between threads (a decode thread preempting one of them stalled every
+    operator of the other), and bigger matmuls per thread. Measured on 2 cores: 2 streams x 1 thread
+    94-100 img/s, 1 x 2: 84-86."""
     cores = max(1, cores or os.cpu_count() or 1)
     streams = min(cores, MAX_STREAMS)
     return streams, max(1, cores // streams)
@@ -80,8 +81,8 @@ class OnnxImageTower:
     def run_on_stream(self, job: Callable[[], T]) -> Future[T]:
         """Run job() on a stream thread, queued behind the slices already submitted. A job that
         prepares pixels and encodes them with encode_here keeps both on one core, one after the other,
-        instead of a decode thread preempting the streams (measured on 2 cores: ~1 core-ms less per
-        ViT-B-32 image in int8)."""
+        instead of a decode thread preempting the streams mid-matmul (ingest: see
+        ingest._in_stream_batches)."""
         return self._pool.submit(job)
 
     def encode_here(self, pixels: np.ndarray) -> np.ndarray:

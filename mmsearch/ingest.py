@@ -45,7 +45,7 @@ class IngestOptions:
     model: str | None = None  # None: the index's model, or the default for a new index
     pretrained: str | None = None
     batch_size: int = 32  # images per encoder forward pass
-    workers: int = 0  # decode threads; 0 = one per core
+    workers: int = 0  # decode + hashing threads; 0 = one per core (the ONNX tower decodes on its streams)
     delete: bool = True  # remove items that left the catalog
     index_type: str = "auto"
     max_memory: int = DEFAULT_MAX_MEMORY
@@ -345,7 +345,9 @@ def _encoded(kept: list[_Work], failed: list[ItemError], keys: list[str], vector
 def _in_stream_batches(plan, encoder, batch_size, pool) -> BatchSource:
     """The ONNX tower's batches: each slice of a batch is decoded and then encoded by one of the
     tower's stream threads (OnnxImageTower.run_on_stream). No decode thread preempts a stream in the
-    middle of its matmuls, and every core stays on one job at a time."""
+    middle of its matmuls, and every core stays on one job at a time (measured on 2 cores, ViT-B-32
+    int8: the session spends the same CPU per photo here as on pre-decoded batches, where beside two
+    decode threads it spent a few % more)."""
     decoder, tower, batches = _Decoder(encoder), encoder.image_tower, _batches(plan, batch_size)
 
     def encode_slice(works: list[_Work]) -> _Images:
