@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 DECODE_LOOKAHEAD = 3  # batches decoded ahead of the encoder (0: each batch decodes after the previous encodes)
 FIRST_BATCH_DIVISOR = 8  # the first batch is this much smaller, so the encoder starts after a few decodes
-MIN_TAIL_SLICE = 4  # images; smaller session runs cost more per image (ViT-B-32 int8: 2 images 9% more than 8)
+# Smallest tail slice, in images. ViT-B-32 int8 on 2 cores: with 2 the streams finished within 20 ms
+# of each other (with 4, up to 90 ms apart); a 2-image run costs 9% more per image than 8, on a few images.
+MIN_TAIL_SLICE = 2
 
 
 @dataclass
