@@ -18,6 +18,7 @@ from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from .store import ItemRecord
 from .textonnx import export_text_encoder
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 DECODE_LOOKAHEAD = 3  # batches decoded ahead of the encoder (0: each batch decodes after the previous encodes)
@@ -330,11 +332,8 @@ def _pipelined_batches(plan, encoder, batch_size, pool) -> BatchSource:
         decodes = [pool.submit(decoder.decode, w) for w in batch]
         return pool.submit(lambda: decoder.assemble(batch, [f.result() for f in decodes]))
 
-    pending = deque(submit(batch) for batch in batches[:DECODE_LOOKAHEAD])
-    for i, batch in enumerate(batches):
-        if i + DECODE_LOOKAHEAD < len(batches):
-            pending.append(submit(batches[i + DECODE_LOOKAHEAD]))
-        kept, failed, pixels, keys = pending.popleft().result()
+    for batch, assembled in _submitted_ahead(batches, submit):
+        kept, failed, pixels, keys = assembled.result()
         vectors = encoder.submit_pixels(pixels) if pixels is not None else (lambda: [])
         yield len(batch), kept, partial(_encoded, kept, failed, keys, vectors)
 
@@ -370,16 +369,22 @@ def _in_stream_batches(plan, encoder, batch_size, pool) -> BatchSource:
             start, left = start + len(works), left - len(works)
         return futures
 
-    pending = deque(submit(batch) for batch in batches[:DECODE_LOOKAHEAD])
     try:
-        for i, batch in enumerate(batches):
-            if i + DECODE_LOOKAHEAD < len(batches):
-                pending.append(submit(batches[i + DECODE_LOOKAHEAD]))
-            yield len(batch), batch, partial(_gathered, pending.popleft())
+        for batch, slices in _submitted_ahead(batches, submit):
+            yield len(batch), batch, partial(_gathered, slices)
     except BaseException:  # closed early (a failed commit, Ctrl-C): no queued slices left on the streams
         for future in list(unfinished):  # (after the last batch, the caller still waits for its slices)
             future.cancel()
         raise
+
+
+def _submitted_ahead(batches: list[list[_Work]], submit: Callable[[list[_Work]], T]) -> Iterator[tuple[list[_Work], T]]:
+    """(batch, submit(batch)) in order, each batch submitted DECODE_LOOKAHEAD batches before its turn."""
+    pending = deque(submit(batch) for batch in batches[:DECODE_LOOKAHEAD])
+    for i, batch in enumerate(batches):
+        if i + DECODE_LOOKAHEAD < len(batches):
+            pending.append(submit(batches[i + DECODE_LOOKAHEAD]))
+        yield batch, pending.popleft()
 
 
 def _guided_slice(left: int, streams: int, full: int) -> int:
