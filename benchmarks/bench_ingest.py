@@ -151,7 +151,7 @@ VARIANTS = {  # name: (runtime, quantize)
     "onnxruntime fp32": ("onnx", None),
     "onnxruntime int8": ("onnx", "int8"),
 }
-PIPELINES = {  # name: (variant, decode threads)
+PIPELINES = {  # name: (variant, IngestOptions.workers: decode threads for torch, hashing only for ONNX)
     "pipeline torch fp32, 1 decode thread": ("torch fp32", 1),
     "pipeline torch fp32, 2 decode threads": ("torch fp32", 2),
     "pipeline onnxruntime int8, decode on its streams": ("onnxruntime int8", 2),  # see ingest._in_stream_batches

@@ -88,7 +88,7 @@ def load_pixels(path: str | Path, item: str | None = None, min_side: int | None 
     A plain JPEG (baseline or progressive YCbCr/grey, upright EXIF) skips Pillow's pixel path: its
     header is still read and checked by Pillow, then libjpeg-turbo (simplejpeg) decodes it at the same
     DCT scale straight into the array, without Pillow's copies (bit-identical pixels, a third less
-    CPU: the decode threads of ingest share the cores with the encoder)."""
+    CPU: ingest's decoding shares the cores with the encoder)."""
     return _load(path, item or str(path), min_side, digest, as_array=True)
 
 

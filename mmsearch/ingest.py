@@ -296,11 +296,19 @@ class _Decoder:
         self.loader = load_pixels if getattr(preprocess, "accepts_arrays", False) else load_image
         self.input_side = encoder.input_side
 
-    def decode(self, work: _Work):
-        """_decode's result for a work with an image to encode; None for the others."""
-        if work.encode_image and work.item.image:
-            return _decode(work, self.loader, self.prepare, self.input_side)
-        return None
+    def decode(self, work: _Work) -> tuple[torch.Tensor, str] | ItemError | None:
+        """(pixels, the image file's hash) for a work with an image to encode, an ItemError for a bad
+        file, None for the others. A new item's file is hashed here, as it is read."""
+        if not (work.encode_image and work.item.image):
+            return None
+        digest = hashlib.sha256() if work.image_hash is None else None
+        try:
+            pixels = self.prepare(self.loader(work.item.image, work.item.key, min_side=self.input_side, digest=digest))
+        except ItemError as exc:
+            return exc
+        except Exception as exc:  # a transform failing on a strange image is an item problem, not a crash
+            return ItemError(work.item.key, f"cannot preprocess image: {exc}")
+        return pixels, digest.hexdigest() if digest is not None else work.image_hash
 
     def assemble(self, works: list[_Work], decoded: list) -> tuple[list, list, torch.Tensor | None, list[str]]:
         """(works kept, ItemErrors, the float batch of their pixels or None, the pixels' item keys)."""
@@ -399,19 +407,6 @@ def _gathered(slices: list[Future]) -> _Images:
     parts = [f.result() for f in slices]
     return _Images([w for p in parts for w in p.kept], [e for p in parts for e in p.failed],
                    {k: v for p in parts for k, v in p.vectors.items()})
-
-
-def _decode(work: _Work, loader, prepare, input_side: int) -> tuple[torch.Tensor, str] | ItemError:
-    """(pixels, the image file's hash); a new item's file is hashed here, as it is read.
-    loader: images.load_pixels for a preprocess that takes arrays, else images.load_image."""
-    digest = hashlib.sha256() if work.image_hash is None else None
-    try:
-        pixels = prepare(loader(work.item.image, work.item.key, min_side=input_side, digest=digest))
-    except ItemError as exc:
-        return exc
-    except Exception as exc:  # a transform failing on a strange image is an item problem, not a crash
-        return ItemError(work.item.key, f"cannot preprocess image: {exc}")
-    return pixels, digest.hexdigest() if digest is not None else work.image_hash
 
 
 def _record(work: _Work, image_vec, text_vec) -> ItemRecord:

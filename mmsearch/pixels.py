@@ -22,7 +22,7 @@ _MODES = ("bicubic", "bilinear")  # torchvision InterpolationMode values F.inter
 class FastPreprocess:
     """Callable PIL image -> normalised float32 tensor (3, H, W), like the transform it replaces.
 
-    It also takes the (H, W, 3) uint8 RGB arrays of images.load_pixels (ingest's decode threads), so
+    It also takes the (H, W, 3) uint8 RGB arrays of images.load_pixels (what ingest decodes to), so
     a JPEG goes from libjpeg-turbo to the resize without a Pillow image in between."""
 
     accepts_arrays = True  # ingest decodes to arrays for it (images.load_pixels)
@@ -38,7 +38,7 @@ class FastPreprocess:
         return self.normalise(self.prepare(img))
 
     def prepare(self, img: Image.Image | np.ndarray) -> torch.Tensor:
-        """uint8 pixels (what decode threads hand over: 4x less to copy), or the fallback's floats."""
+        """uint8 pixels (what ingest's decoding hands over: 4x less to copy), or the fallback's floats."""
         pixels = self.uint8(img)
         if pixels is not None:
             return pixels
