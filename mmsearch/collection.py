@@ -210,6 +210,8 @@ class Collection:
         Returns whether FAISS files were republished."""
         self._sweep()
         state = self.faiss_state()
+        if not state and not self.store.generation():
+            return False  # a new index: nothing committed yet, so nothing to publish (readers see it empty)
         files = state.get("files", {})
         intact = all(files.get(m) and (self.dir / files[m]).is_file() for m in MODALITIES)
         if intact and state.get("generation") == self.store.generation():
