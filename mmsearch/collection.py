@@ -160,7 +160,9 @@ class Collection:
             if index is not None:
                 self._index_generation[modality] = state["generation"]
                 return index
-        if state or self.store.generation():
+        if self._other_writer():  # a writer's first run: nothing published yet, its batches committed
+            log.info("%s is being written and has no FAISS files yet: %s vectors from the store", self.dir, modality)
+        elif state or self.store.generation():
             log.warning("FAISS files of %s are stale or unreadable (an interrupted run?): rebuilding %s "
                         "vectors from the store", self.dir, modality)
         return self.rebuild(modality, self.manifest.index.index_type)

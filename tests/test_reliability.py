@@ -272,6 +272,26 @@ def test_a_new_index_publishes_its_faiss_files_once_it_holds_items(tmp_path, tin
     folder_is_clean(index)
 
 
+def test_a_reader_during_a_new_index_first_run_sees_its_committed_batches(tmp_path, tiny_encoder, caplog):
+    """Before the first publish a reader builds the committed vectors from the store, quietly: the files
+    are missing because a writer is still on its first run, not because one was killed."""
+    index = tmp_path / "idx"
+    writer = Collection.create(index, tiny_encoder.ref, tiny_encoder.dim)
+    try:
+        with writer.write_lock():
+            vec = tiny_encoder.encode_texts(["a batch committed during the first run"])[0]
+            writer.store.write_batch([store_module.ItemRecord("early", None, "a batch committed during the first run",
+                                                              None, "h", {}, {"text": vec})])
+            with caplog.at_level("WARNING", logger=collection_module.log.name), _opened(index) as reader:
+                assert reader.vector_index("text").ntotal == 1
+            assert "stale or unreadable" not in caplog.text
+        with caplog.at_level("WARNING", logger=collection_module.log.name), _opened(index) as reader:
+            assert reader.vector_index("text").ntotal == 1  # no writer now: a killed first run, said so
+        assert "stale or unreadable" in caplog.text
+    finally:
+        writer.close()
+
+
 def test_corrupt_published_faiss_file_falls_back_to_the_store(indexed, tiny_encoder):
     csv, index = indexed
     state = json.loads((index / "faiss.json").read_text())
