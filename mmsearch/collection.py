@@ -10,10 +10,12 @@ Commit protocol (crash safety; tests/crash_harness.py kills real runs at every s
 3. on open, FAISS files whose generation differs from the store's are stale: a reader uses them
    while a writer holds the lock (it sees the last finished snapshot; rows come from SQLite), and
    otherwise (a killed run) the indexes are rebuilt in memory from the stored vectors - never
-   re-encoded. A file that is missing or unreadable is rebuilt the same way;
+   re-encoded. A file that is missing or unreadable is rebuilt the same way (before a new index's
+   first publish, its readers build what its writer has committed so far);
 4. a writer, on taking the lock, repairs what a killed writer left: it deletes temp files and FAISS
    files that faiss.json does not name, and republishes stale FAISS files from the store. Readers
-   during the new run therefore see every batch the killed run had committed.
+   during the new run therefore see every batch the killed run had committed. A new index with
+   nothing committed has nothing to publish yet.
 """
 
 from __future__ import annotations
