@@ -162,7 +162,11 @@ AGREEMENT_MODEL = "mmsearch-fashion"  # trained weights, so top-10 agreement mea
 def load_variants(name: str, pretrained: str | None, keys=tuple(VARIANTS)) -> dict:
     from mmsearch.encoders import load_encoder
 
-    return {key: load_encoder(name, pretrained, VARIANTS[key][1], VARIANTS[key][0]) for key in keys}
+    def load(key: str):
+        runtime, quantize = VARIANTS[key]
+        return load_encoder(name, pretrained, quantize, runtime)
+
+    return {key: load(key) for key in keys}
 
 
 def selected(args) -> tuple[list[str], list[str]]:

@@ -162,8 +162,9 @@ class Collection:
             if index is not None:
                 self._index_generation[modality] = state["generation"]
                 return index
-        if self._other_writer():  # a writer's first run: nothing published yet, its batches committed
-            log.info("%s is being written and has no FAISS files yet: %s vectors from the store", self.dir, modality)
+        if self._other_writer():  # e.g. a new index's first run: nothing published yet, batches committed
+            log.info("%s is being written and has no usable FAISS files yet: %s vectors from the store",
+                     self.dir, modality)
         elif state or self.store.generation():
             log.warning("FAISS files of %s are stale or unreadable (an interrupted run?): rebuilding %s "
                         "vectors from the store", self.dir, modality)

@@ -254,8 +254,8 @@ class Store:
         """Insert or update items and their vectors in ONE transaction; returns key -> id.
 
         Bulk statements (one INSERT and one SELECT of the new ids, one UPDATE by id, one DELETE per
-        modality, one INSERT of vectors) rather than ORM objects per row: the ingest writer thread holds the GIL
-        for a fraction of the time, which the decode threads need."""
+        modality, one INSERT of vectors) rather than ORM objects per row: the ingest writer thread
+        holds the GIL for a fraction of the time, which the decode threads need."""
         by_key = {rec.key: rec for rec in records}  # a key twice in one batch: the last one wins
         stamp = now_iso()
         with db_errors(self.path, "write to"), Session(self.engine) as session, session.begin():

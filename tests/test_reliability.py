@@ -235,14 +235,18 @@ def test_orphans_of_killed_writers_are_swept(indexed):
     folder_is_clean(index)
 
 
+def commit_text_item(collection: Collection, encoder, key: str, caption: str) -> None:
+    """One committed batch of one caption-only item, without publishing FAISS files (as a killed run leaves it)."""
+    vec = encoder.encode_texts([caption])[0]
+    collection.store.write_batch([store_module.ItemRecord(key, None, caption, None, "h", {}, {"text": vec})])
+
+
 def test_stale_faiss_files_are_repaired_when_the_writer_starts(indexed, tiny_encoder):
     """A killed run committed a batch but never published FAISS: the next writer republishes at once,
     so readers during its run already see everything that was committed."""
     csv, index = indexed
     with _opened(index) as collection:
-        vec = tiny_encoder.encode_texts(["a committed but unpublished item"])[0]
-        collection.store.write_batch([store_module.ItemRecord("ghost", None, "a committed but unpublished item",
-                                                              None, "h", {}, {"text": vec})])
+        commit_text_item(collection, tiny_encoder, "ghost", "a committed but unpublished item")
     assert not published_is_fresh(index)
     check_consistent(index, tiny_encoder)  # a reader rebuilds in memory: ghost is findable
     assert search_ids(index, "a committed but unpublished item", "text")[0] == "ghost"
@@ -261,9 +265,7 @@ def test_a_new_index_publishes_its_faiss_files_once_it_holds_items(tmp_path, tin
         with collection.write_lock():
             assert not (index / "faiss.json").exists()
         assert collection.vector_index("image").ntotal == 0
-        vec = tiny_encoder.encode_texts(["the first committed item"])[0]
-        collection.store.write_batch([store_module.ItemRecord("first", None, "the first committed item",
-                                                              None, "h", {}, {"text": vec})])
+        commit_text_item(collection, tiny_encoder, "first", "the first committed item")
         with collection.write_lock():
             assert (index / "faiss.json").exists() and published_is_fresh(index)
     finally:
@@ -279,9 +281,7 @@ def test_a_reader_during_a_new_index_first_run_sees_its_committed_batches(tmp_pa
     writer = Collection.create(index, tiny_encoder.ref, tiny_encoder.dim)
     try:
         with writer.write_lock():
-            vec = tiny_encoder.encode_texts(["a batch committed during the first run"])[0]
-            writer.store.write_batch([store_module.ItemRecord("early", None, "a batch committed during the first run",
-                                                              None, "h", {}, {"text": vec})])
+            commit_text_item(writer, tiny_encoder, "early", "a batch committed during the first run")
             with caplog.at_level("WARNING", logger=collection_module.log.name), _opened(index) as reader:
                 assert reader.vector_index("text").ntotal == 1
             assert "stale or unreadable" not in caplog.text
