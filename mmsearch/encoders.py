@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from PIL import Image
 
 from .config import PACKAGE_DIR, SHIPPED_MODELS_DIR, ModelRef
 from .errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from .onnxencoder import OnnxEncoder
 
 log = logging.getLogger(__name__)
 
@@ -105,20 +109,31 @@ def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.T
     after every text's end cannot change any output: same vectors (to float rounding) for a fraction
     of the work, since catalog captions are ~10 tokens of ViT-B-32's 77-token context. Other towers
     (custom or Hugging Face text models, other pooling) run as they are."""
-    import open_clip
-
-    if not (isinstance(model, open_clip.CLIP) and model.text_pool_type == "argmax"
-            and isinstance(model.attn_mask, torch.Tensor) and tokens.ndim == 2 and len(tokens)):
+    if not (trims_text(model) and tokens.ndim == 2 and len(tokens)):
         return model.encode_text(tokens)
-    ends = tokens.argmax(dim=1)  # each text's end token: open_clip's "argmax" pooling position
-    length = int(ends.max()) + 1
+    length = int(tokens.argmax(dim=1).max()) + 1  # the longest text's end token ("argmax" pooling)
     if length >= tokens.shape[1]:
         return model.encode_text(tokens)
-    tokens = tokens[:, :length]
+    return encode_text_prefix(model, tokens[:, :length])
+
+
+def trims_text(model: torch.nn.Module) -> bool:
+    """Whether encode_text_prefix computes this model's encode_text on a cut-off token prefix: an
+    open_clip CLIP text tower (causal mask, pooled at the end token)."""
+    import open_clip
+
+    return (isinstance(model, open_clip.CLIP) and model.text_pool_type == "argmax"
+            and isinstance(model.attn_mask, torch.Tensor))
+
+
+def encode_text_prefix(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """model.encode_text on tokens cut after their longest text's end token (for trims_text models).
+    Every length comes from tokens.shape, so an ONNX trace of it keeps the length dynamic."""
+    length = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-    x = x[torch.arange(len(tokens)), ends]
+    x = x[torch.arange(tokens.shape[0]), tokens.argmax(dim=1)]
     projection = model.text_projection  # a matrix, a Linear or None, as in CLIP.encode_text
     if projection is None:
         return x
@@ -189,23 +204,28 @@ def quantize_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
 
 
 def load_encoder(name: str, pretrained: str | None = None, quantize: str | None = None,
-                 runtime: str = "torch") -> Encoder:
+                 runtime: str = "torch") -> Encoder | OnnxEncoder:
     """Load a model for encoding; raise ModelLoadError with the reason instead of guessing.
 
     runtime 'onnx' encodes images with the model's ONNX export run by onnxruntime (quantize 'int8':
-    its dynamic int8 variant); text always runs in torch here (queries use textonnx on their own)."""
-    import open_clip
-
+    its dynamic int8 variant). Once both towers of the model are exported, that is an
+    onnxencoder.OnnxEncoder, which never imports open_clip nor builds the torch model; before, the
+    torch model is loaded (its text tower encodes captions) and the image tower exported."""
     from .imageonnx import RUNTIMES, image_tower
+    from .onnxencoder import load_onnx_encoder
     from .pixels import fast_preprocess
 
     if runtime not in RUNTIMES:
         raise ModelLoadError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
     if quantize and quantize not in QUANTIZE_MODES:
         raise ModelLoadError(f"unknown quantisation {quantize!r}; choose from {', '.join(QUANTIZE_MODES)}")
-    register_packaged_configs()
     set_torch_threads()
     ref = canonical_ref(name, pretrained)
+    if runtime == "onnx" and (cached := load_onnx_encoder(ref, quantize or "fp32")) is not None:
+        return cached
+    import open_clip
+
+    register_packaged_configs()
     model = create_model(ref)
     if quantize and runtime == "torch":
         model = quantize_model(model, quantize)

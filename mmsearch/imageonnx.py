@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnx")
 VARIANTS = ("fp32", "int8")
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: the meta records the preprocessing (onnxencoder.py)
 FP32_FILE, MODEL_FILE = "image-fp32.onnx", "image.onnx"
 FP32_TOLERANCE = 1e-3  # max |onnx - torch| over normalised probe vectors
 INT8_MIN_COSINE = 0.99  # mean cosine(onnx int8, torch fp32) over the probe batch
@@ -90,11 +90,30 @@ class OnnxImageTower:
         return l2_normalised(self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0])
 
 
+def export_folder(ref, variant: str) -> Path:
+    return cache_root("image-onnx") / model_key(ref, "image", EXPORT_FORMAT, variant)
+
+
+def cached_image_tower(ref, variant: str) -> tuple[OnnxImageTower, dict] | None:
+    """(tower, its export's meta) when this model's variant is already exported, else None. Imports
+    neither torch nor open_clip: `mmsearch index --runtime onnx` starts from it (onnxencoder.py)."""
+    folder = export_folder(ref, variant)
+    meta = read_meta(folder)
+    if meta is None or meta.get("format") != EXPORT_FORMAT:
+        return None
+    return _tower(folder, variant), meta
+
+
+def _tower(folder: Path, variant: str) -> OnnxImageTower:
+    streams, threads = stream_layout()
+    return OnnxImageTower(ort_session(folder / MODEL_FILE, threads=threads), variant, streams)
+
+
 def image_tower(encoder, variant: str = "fp32") -> OnnxImageTower:
     """The verified ONNX image tower of encoder's model, exporting it on first use."""
     if variant not in VARIANTS:
         raise ModelLoadError(f"unknown ONNX variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    folder = cache_root("image-onnx") / model_key(encoder.ref, "image", EXPORT_FORMAT, variant)
+    folder = export_folder(encoder.ref, variant)
     if read_meta(folder) is None:
         try:
             publish(folder, lambda staging: _export(encoder, variant, staging))
@@ -102,8 +121,7 @@ def image_tower(encoder, variant: str = "fp32") -> OnnxImageTower:
             raise
         except Exception as exc:
             raise ModelLoadError(f"cannot export the image tower of {encoder.ref.label()} to ONNX: {exc}") from exc
-    streams, threads = stream_layout()
-    return OnnxImageTower(ort_session(folder / MODEL_FILE, threads=threads), variant, streams)
+    return _tower(folder, variant)
 
 
 def _export(encoder, variant: str, staging: Path) -> dict:
@@ -129,6 +147,8 @@ def _export(encoder, variant: str, staging: Path) -> dict:
         raise ModelLoadError(f"int8 ONNX image tower of {encoder.ref.label()} drifts too far from fp32 "
                              f"(mean cosine {cosine:.4f} < {INT8_MIN_COSINE})")
     log.info("exported the %s ONNX image tower of %s (cosine to torch %.5f)", variant, encoder.ref.label(), cosine)
+    config = getattr(encoder.preprocess, "config", None)  # pixels.FastPreprocess: rebuilt without open_clip
     return {"format": EXPORT_FORMAT, "model": encoder.ref.label(), "variant": variant, "dim": encoder.dim,
+            "input_side": encoder.input_side, "preprocess": config() if config else None,
             "probe_mean_cosine": cosine, "probe_max_abs_diff": max_diff}
 

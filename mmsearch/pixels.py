@@ -28,11 +28,25 @@ class FastPreprocess:
     accepts_arrays = True  # ingest decodes to arrays for it (images.load_pixels)
 
     def __init__(self, shorter_side: int, crop: tuple[int, int], mode: str, mean, std, fallback=None):
-        self.shorter_side, self.crop, self.mode = shorter_side, crop, mode
+        self.shorter_side, self.crop, self.mode = shorter_side, tuple(crop), mode
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.fallback = fallback  # the transform replaced: it handles what this one does not (padding)
         std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.scale = 1.0 / (255.0 * std_t)  # ToTensor's /255 and Normalize's /std in one factor
         self.shift = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
+
+    def config(self) -> dict | None:
+        """The parameters that rebuild it without open_clip (from_config), or None when it needs its
+        fallback: a crop larger than the resized image (torchvision pads it)."""
+        if any(c > self.shorter_side for c in self.crop):
+            return None
+        return {"shorter_side": self.shorter_side, "crop": list(self.crop), "mode": self.mode,
+                "mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_config(cls, config: dict) -> FastPreprocess:
+        return cls(int(config["shorter_side"]), tuple(config["crop"]), str(config["mode"]), config["mean"],
+                   config["std"])
 
     def __call__(self, img: Image.Image | np.ndarray) -> torch.Tensor:
         return self.normalise(self.prepare(img))

@@ -57,6 +57,18 @@ def test_export_matches_torch_and_is_reused(exported, tiny_encoder):
     assert (exported / "text.ort").stat().st_mtime_ns == mtime
 
 
+def test_export_takes_any_length_and_queries_run_only_their_prefix(exported, tiny_encoder):
+    assert json.loads((exported / "meta.json").read_text())["trim"] is True
+    fast = textonnx.load_fast_text_encoder(tiny_encoder.ref, tiny_encoder.dim)
+    tokens = fast.tokenizer(["a red boot", "striped summer dress with two deep pockets"])
+    prefix = int(tokens.argmax(axis=1).max()) + 1
+    assert fast._tokens(["a red boot", "striped summer dress with two deep pockets"]).shape == (2, prefix)
+    whole = fast.session.run(None, {"tokens": tokens})[0]
+    for length in (prefix, prefix + 3, tokens.shape[1]):
+        np.testing.assert_allclose(fast.session.run(None, {"tokens": tokens[:, :length]})[0], whole, atol=1e-5)
+    assert not any("attention" in vars(block) for block in tiny_encoder.model.transformer.resblocks)
+
+
 def test_key_changes_when_the_weights_file_changes(tmp_path):
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"one")

@@ -1,0 +1,135 @@
+"""`--runtime onnx` from the cache alone: same pixels, vectors and rows as the torch-loaded path,
+without importing open_clip; anything missing from the cache loads the torch encoder as before."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mmsearch import imageonnx, textonnx
+from mmsearch.collection import Collection
+from mmsearch.encoders import Encoder, load_encoder
+from mmsearch.images import load_pixels
+from mmsearch.ingest import IngestOptions, ingest
+from mmsearch.onnxencoder import OnnxEncoder
+from mmsearch.pixels import FastPreprocess
+
+TEXTS = ["a red ankle boot", "striped summer dress with two deep pockets", "", "a long caption " * 30]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _exported(checkpoint, variant: str) -> Encoder:
+    """The torch-loaded encoder, after it exported both towers (what a first `mmsearch index` does)."""
+    encoder = load_encoder("mmsearch-tiny", str(checkpoint), quantize=variant if variant != "fp32" else None,
+                           runtime="onnx")
+    assert isinstance(encoder, Encoder) and textonnx.export_text_encoder(encoder) is not None
+    return encoder
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_once_exported_onnx_loads_from_the_cache_and_encodes_like_the_torch_loaded_encoder(
+        cache, tiny_checkpoint, catalog_dir, variant):
+    first = _exported(tiny_checkpoint, variant)
+    cached = load_encoder("mmsearch-tiny", str(tiny_checkpoint), quantize=variant if variant != "fp32" else None,
+                          runtime="onnx")
+    assert isinstance(cached, OnnxEncoder) and cached.image_tower.variant == variant
+    assert (cached.ref, cached.dim, cached.input_side) == (first.ref, first.dim, first.input_side)
+    photo = load_pixels(catalog_dir / "images" / "boot-red.jpg", min_side=cached.input_side)
+    assert torch.equal(cached.preprocess(photo.copy()), first.preprocess(photo.copy()))
+    pixels = torch.stack([first.preprocess(photo.copy())] * 3)
+    np.testing.assert_allclose(cached.encode_pixels(pixels), first.encode_pixels(pixels), atol=1e-6)
+    np.testing.assert_allclose(cached.encode_texts(TEXTS), first.encode_texts(TEXTS), atol=1e-4)
+
+
+def test_anything_missing_from_the_cache_loads_the_torch_encoder(cache, tiny_checkpoint, monkeypatch):
+    def loaded():
+        return load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="onnx")
+
+    encoder = loaded()  # exports the image tower only: no text tower yet
+    assert isinstance(encoder, Encoder)
+    assert isinstance(loaded(), Encoder)
+    textonnx.export_text_encoder(encoder)
+    assert isinstance(loaded(), OnnxEncoder)
+    assert isinstance(load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="torch"), Encoder)
+    monkeypatch.setenv(textonnx.DISABLE_ENV, "0")
+    assert isinstance(loaded(), Encoder)
+    monkeypatch.delenv(textonnx.DISABLE_ENV)
+    meta_file = imageonnx.export_folder(encoder.ref, "fp32") / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "preprocess": None}))  # a transform FastPreprocess cannot rebuild
+    assert isinstance(loaded(), Encoder)
+
+
+def test_a_damaged_cached_text_tower_is_a_clear_error_naming_its_folder(cache, tiny_checkpoint):
+    first = _exported(tiny_checkpoint, "fp32")
+    folder = textonnx.export_folder(first.ref)
+    cached = load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="onnx")
+    (folder / textonnx.ORT_FILE).write_bytes(b"not a model")
+    with pytest.raises(Exception, match="unusable.*delete that folder") as err:
+        cached.encode_texts(["a red boot"])
+    assert str(folder) in str(err.value)
+
+
+def test_preprocess_config_round_trips_and_refuses_a_padding_crop(tiny_encoder, catalog_dir):
+    config = tiny_encoder.preprocess.config()
+    rebuilt = FastPreprocess.from_config(json.loads(json.dumps(config)))
+    photo = load_pixels(catalog_dir / "images" / "boot-blue.jpg", min_side=tiny_encoder.input_side)
+    assert torch.equal(rebuilt(photo.copy()), tiny_encoder.preprocess(photo.copy()))
+    assert FastPreprocess(32, (40, 40), "bicubic", [0.5] * 3, [0.5] * 3).config() is None
+
+
+def test_ingest_with_the_cached_encoder_stores_what_the_torch_loaded_one_does(
+        cache, tmp_path, catalog_dir, tiny_checkpoint):
+    first = _exported(tiny_checkpoint, "fp32")
+    cached = load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="onnx")
+    assert isinstance(cached, OnnxEncoder)
+    stored = {}
+    for name, encoder in (("torch-loaded", first), ("cached", cached)):
+        report = ingest(catalog_dir / "catalog.csv", tmp_path / name, IngestOptions(batch_size=4), encoder=encoder)
+        assert report.added == 9 and sorted(e.item for e in report.failed) == ["notes", "truncated"]
+        collection = Collection.open(tmp_path / name)
+        try:
+            stored[name] = {kind: _by_key(collection, kind) for kind in ("image", "text")}
+        finally:
+            collection.close()
+    for kind, atol in (("image", 1e-6), ("text", 1e-4)):
+        want, got = stored["torch-loaded"][kind], stored["cached"][kind]
+        assert sorted(got) == sorted(want) and want
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], atol=atol)
+
+
+def _by_key(collection, kind: str) -> dict:
+    ids, vectors = collection.all_vectors(kind)
+    items = collection.store.items([int(i) for i in ids])
+    return {items[int(i)].key: v for i, v in zip(ids, vectors)}
+
+
+@pytest.mark.slow
+def test_cli_index_rerun_with_onnx_never_imports_open_clip(cache, tmp_path, catalog_dir, tiny_checkpoint):
+    args = ["index", str(catalog_dir / "catalog.csv"), "--model", "mmsearch-tiny", "--pretrained",
+            str(tiny_checkpoint), "--runtime", "onnx", "--format", "json"]
+    script = ("import sys, json\nfrom mmsearch.cli import cli\n"
+              "try:\n    cli(sys.argv[1:])\n"
+              "except SystemExit:\n    pass\n"
+              "print(json.dumps({'open_clip': 'open_clip' in sys.modules}))\n")
+
+    def run(index: str) -> tuple[dict, dict]:
+        out = subprocess.run([sys.executable, "-c", script, *args, "--index", str(tmp_path / index)],
+                             capture_output=True, text=True, check=True, env=dict(os.environ))
+        *lines, last = out.stdout.strip().splitlines()
+        return json.loads("\n".join(lines)), json.loads(last)
+
+    first_report, first_modules = run("first")  # exports both towers: open_clip builds the model
+    again_report, again_modules = run("again")
+    assert first_modules == {"open_clip": True} and again_modules == {"open_clip": False}
+    assert first_report["added"] == again_report["added"] == 9
