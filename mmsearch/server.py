@@ -104,8 +104,8 @@ def _check_pixels(width: int, height: int) -> None:
 class ServerSearcher(Searcher):
     """A Searcher whose query images come from the request (uploads) or from the index, never from a path."""
 
-    def __init__(self, index_dir: Path, encoder: Encoder | None, encode_lock: threading.Lock):
-        super().__init__(index_dir, encoder)
+    def __init__(self, index_dir: Path, encoder: Encoder | None, encode_lock: threading.Lock, text_encoder=None):
+        super().__init__(index_dir, encoder, text_encoder)
         self.encode_lock = encode_lock
         for modality in MODALITIES:  # load FAISS now rather than racing to load it in concurrent requests
             self.collection.vector_index(modality)
@@ -119,7 +119,7 @@ class ServerSearcher(Searcher):
         # passes on a shared module are not guaranteed safe by torch or the tokenizer.
         if part.kind == "text":
             with self.encode_lock:
-                return self.encoder.encode_texts([part.value])[0]
+                return self.text_encoder.encode_texts([part.value])[0]
         if isinstance(part, UploadPart) and part.picture is not None:
             with self.encode_lock:
                 return self.encoder.encode_images([part.picture])[0]
@@ -162,6 +162,7 @@ class IndexHolder:
         self._stamp = _stamp(self.index_dir)
         self._searcher = ServerSearcher(self.index_dir, encoder, self._encode_lock)
         self.encoder = self._searcher.encoder  # load the model at start-up, not in the first request
+        self.text_encoder = self._searcher.text_encoder  # the ONNX text export unless given an encoder
 
     def current(self) -> ServerSearcher:
         stamp = _stamp(self.index_dir)  # two stat() calls: cheap enough for every request
@@ -176,7 +177,7 @@ class IndexHolder:
 
     def _reopen(self, stamp: tuple) -> None:
         try:
-            fresh = ServerSearcher(self.index_dir, self.encoder, self._encode_lock)
+            fresh = ServerSearcher(self.index_dir, self.encoder, self._encode_lock, self.text_encoder)
         except MMSearchError as exc:  # caught mid-rewrite: keep serving the old snapshot, retry next request
             log.warning("cannot re-open index %s yet: %s", self.index_dir, exc)
             return

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import JSON, ForeignKey, String, bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -169,14 +170,19 @@ class Store:
             rows = session.execute(select(Item.id, Item.key, Item.image_hash, Item.caption_hash))
             return {key: (i, ih, ch, frozenset(modalities.get(i, ()))) for i, key, ih, ch in rows}
 
-    def items(self, ids: Sequence[int]) -> dict[int, Item]:
-        with Session(self.engine, expire_on_commit=False) as session:
-            found: dict[int, Item] = {}
+    def items(self, ids: Sequence[int]) -> dict[int, Row]:
+        """id -> the item's row (read-only, Item's attribute names) for the ids that exist.
+
+        Core statements built once, plain rows: a query fills its hits and scores its candidates'
+        vectors with this read and `vectors`, and the ORM's per-call statement building, identity map
+        and instance set-up were most of their time (20k items: 1.3 and 1.2 ms per query; an ORM Item
+        made from a row still costs 45 us)."""
+        found: dict[int, Row] = {}
+        with self.engine.connect() as conn:
             for chunk in _chunks(list(ids), 900):
-                for item in session.scalars(select(Item).where(Item.id.in_(chunk))):
-                    session.expunge(item)
-                    found[item.id] = item
-            return found
+                for row in conn.execute(_ITEMS_BY_ID, {"ids": chunk}):
+                    found[row.id] = row
+        return found
 
     def item_by_key(self, key: str) -> Item | None:
         with Session(self.engine, expire_on_commit=False) as session:
@@ -187,11 +193,9 @@ class Store:
 
     def vectors(self, ids: Sequence[int], modality: str, dim: int) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
-        with Session(self.engine) as session:
+        with self.engine.connect() as conn:
             for chunk in _chunks(list(ids), 900):
-                stmt = select(Vector.item_id, Vector.data).where(
-                    Vector.modality == modality, Vector.item_id.in_(chunk))
-                for item_id, data in session.execute(stmt):
+                for item_id, data in conn.execute(_VECTORS_BY_ID, {"modality": modality, "ids": chunk}):
                     out[item_id] = np.frombuffer(data, dtype=np.float32, count=dim)
         return out
 
@@ -310,6 +314,10 @@ class Store:
 
 # The writer's per-batch statements, built once: an IN over a list literal is coerced value by value
 # and compiled again for every batch; an expanding parameter is not.
+_ITEMS, _VECTORS = Item.__table__, Vector.__table__
+_ITEMS_BY_ID = select(_ITEMS).where(_ITEMS.c.id.in_(bindparam("ids", expanding=True)))
+_VECTORS_BY_ID = select(_VECTORS.c.item_id, _VECTORS.c.data).where(
+    _VECTORS.c.modality == bindparam("modality"), _VECTORS.c.item_id.in_(bindparam("ids", expanding=True)))
 _IDS_BY_KEY = select(Item.key, Item.id).where(Item.key.in_(bindparam("keys", expanding=True)))
 _DELETE_VECTORS = delete(Vector.__table__).where(Vector.modality == bindparam("modality"),
                                                  Vector.item_id.in_(bindparam("ids", expanding=True)))

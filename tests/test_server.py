@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from mmsearch import server  # noqa: E402
 from mmsearch.ingest import IngestOptions, ingest  # noqa: E402
 from mmsearch.server import create_app  # noqa: E402
+from mmsearch.textonnx import FastTextEncoder
 
 COLOURS = {"red": (210, 40, 40), "blue": (40, 80, 210), "green": (40, 160, 70), "yellow": (235, 200, 40),
            "black": (30, 30, 30), "purple": (130, 60, 170)}
@@ -274,13 +275,17 @@ def test_concurrent_requests_agree(client):
 def test_index_reopened_after_ingest(built, tiny_encoder, tmp_path):
     index_dir = tmp_path / "index"
     shutil.copytree(built[1], index_dir)
-    with TestClient(create_app(index_dir)) as live:  # no encoder given: loaded from the manifest
+    app = create_app(index_dir)  # no encoder given: loaded from the manifest; words go to the ONNX export
+    with TestClient(app) as live:
         before = ok(live.get("/api/search", params={"q": "scarf", "k": 50}))
         assert len(before["results"]) == 10
+        words = app.state.index.current().text_encoder
+        assert isinstance(words, FastTextEncoder) and app.state.index.current().encoder is not words
         catalog = write_catalog(tmp_path / "catalog", PRODUCTS + [("hat", "clothing", "purple", 30)])
         ingest(catalog, index_dir, IngestOptions(workers=1), encoder=tiny_encoder)
         after = ok(live.get("/api/search", params={"q": "scarf", "k": 50}))
         assert "hat-purple" in {h["id"] for h in after["results"]} and len(after["results"]) == 11
+        assert app.state.index.current().text_encoder is words  # the re-opened index shares both encoders
         assert ok(live.get("/api/info"))["items"] == 11
         assert ok(live.get("/api/similar/hat-purple", params={"k": 1}))["results"]
 

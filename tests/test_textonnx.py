@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from mmsearch import textonnx
 from mmsearch.cli import cli
+from mmsearch.encoders import Encoder, load_encoder
 from mmsearch.search import Searcher, build_query
 
 TEXTS = [
@@ -116,6 +117,17 @@ def test_fast_search_equals_torch_search(tmp_path, catalog_dir, tiny_checkpoint)
             slow = torch_searcher.search_vectors(query, *_torch_vectors(torch_searcher, query))
         assert [h.id for h in fast.results] == [h.id for h in slow.results]
         np.testing.assert_allclose([h.score for h in fast.results], [h.score for h in slow.results], atol=1e-4)
+
+
+def test_words_use_the_onnx_export_unless_the_caller_gives_an_encoder(tmp_path, catalog_dir, tiny_checkpoint):
+    path = _index(tmp_path, catalog_dir, tiny_checkpoint)
+    with Searcher(path) as searcher:
+        searcher.search(build_query(images=[str(catalog_dir / "images" / "boot-red.jpg")], k=3))  # loads torch
+        assert isinstance(searcher.encoder, Encoder)
+        assert isinstance(searcher.text_encoder, textonnx.FastTextEncoder)
+    own = load_encoder("mmsearch-tiny", str(tiny_checkpoint))
+    with Searcher(path, encoder=own) as searcher:
+        assert searcher.text_encoder is own
 
 
 def _torch_vectors(searcher, query):
