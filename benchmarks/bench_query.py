@@ -163,10 +163,10 @@ def warm_query(index_dir: Path, repeat: int) -> dict:
     encoder = load_encoder(MODEL, PRETRAINED)
     export_text_encoder(encoder)  # as `mmsearch index` does: the cold CLI query below runs torch-free
     texts = ["red leather ankle boot", "striped summer dress", "black backpack", "white sneaker"]
-    with Searcher(index_dir, encoder=encoder) as searcher:
+    with Searcher(index_dir) as searcher:  # as `serve` and the Python API run: words by the ONNX export
         searcher.search(build_query(texts=[texts[0]]))  # loads the index, fills the calibration cache
         # the bare baseline is the text encoder the search itself runs (the ONNX export, trimmed to the
-        # query's tokens); torch's encoder is timed beside it for reference
+        # query's tokens); torch's encoder (loaded here all the same) is timed beside it for reference
         query_encoder = searcher.text_encoder
         bare, full, torch_bare = [], [], []
         for i in range(repeat):  # interleaved, so load changes hit all alike
