@@ -279,9 +279,17 @@ def agreement_on_demo() -> dict | None:
     ref = encoders["torch fp32"]
     pixels = torch.stack([ref.preprocess(load_image(demo.parent / r["image"])) for r in rows])
     queries = sorted({r["caption"] for r in rows})
-    ref_img, ref_txt = ref.encode_pixels(pixels), ref.encode_texts(queries)
-    return {key: agreement(ref_img, ref_txt, enc.encode_pixels(pixels), enc.encode_texts(queries))
-            for key, enc in encoders.items() if key != "torch fp32"}
+    captions = [r["caption"] for r in rows]
+    ref_img, ref_txt, ref_cap = ref.encode_pixels(pixels), ref.encode_texts(queries), ref.encode_texts(captions)
+    out = {}
+    for key, enc in encoders.items():
+        if key == "torch fp32":
+            continue
+        txt, cap = enc.encode_texts(queries), enc.encode_captions(captions)  # int8 ONNX: an int8 caption tower
+        out[key] = {**agreement(ref_img, ref_txt, enc.encode_pixels(pixels), txt),
+                    "text_to_caption_top10_overlap": top10_overlap(ref_txt, ref_cap, txt, cap, False),
+                    "mean_cosine_caption_vectors": float(np.mean(np.sum(ref_cap * cap, axis=1)))}
+    return out
 
 
 def main() -> None:
@@ -333,9 +341,11 @@ def report(result: dict) -> str:
     if agree:
         text += (f"\n\nAgreement with torch fp32, {AGREEMENT_MODEL} (trained) on demo/ (300 product photos, "
                  "their captions as queries)\n"
-                 + fmt_table(["variant", "img->img top10 overlap", "text->img top10 overlap", "mean cos"],
+                 + fmt_table(["variant", "img->img top10 overlap", "text->img top10 overlap", "mean cos",
+                              "text->caption top10 overlap", "caption mean cos"],
                              [[k, f"{v['image_to_image_top10_overlap']:.3f}", f"{v['text_to_image_top10_overlap']:.3f}",
-                               f"{v['mean_cosine_image_vectors']:.4f}"] for k, v in agree.items()]))
+                               f"{v['mean_cosine_image_vectors']:.4f}", f"{v['text_to_caption_top10_overlap']:.3f}",
+                               f"{v['mean_cosine_caption_vectors']:.4f}"] for k, v in agree.items()]))
     return text
 
 

@@ -68,6 +68,7 @@ class Encoder:
         self.ref = ref
         self.dim = int(_embed_dim(model))
         self.image_tower = None  # an imageonnx.OnnxImageTower when loaded with runtime="onnx"
+        self.caption_encoder = None  # textonnx's int8 caption tower with runtime="onnx", quantize="int8"
         size = model.visual.image_size
         self.input_side = int(min(size) if isinstance(size, (tuple, list)) else size)  # decode images to >= this
 
@@ -78,6 +79,10 @@ class Encoder:
             tokens = self.tokenizer(list(texts[start : start + batch_size]))
             chunks.append(encode_text_trimmed(self.model, tokens).float())
         return _normalise(chunks, self.dim)
+
+    def encode_captions(self, texts: Sequence[str]) -> np.ndarray:
+        """Catalog captions at ingest: the int8 caption tower when there is one, else encode_texts."""
+        return (self.caption_encoder or self).encode_texts(texts)
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
@@ -235,6 +240,12 @@ def load_encoder(name: str, pretrained: str | None = None, quantize: str | None 
     encoder = Encoder(model, preprocess, tokenizer, ref)
     if runtime == "onnx":
         encoder.image_tower = image_tower(encoder, quantize or "fp32")
+    if runtime == "onnx" and quantize == "int8":
+        from .textonnx import export_caption_int8, load_fast_text_encoder_from
+
+        captions = export_caption_int8(encoder)
+        if captions is not None:
+            encoder.caption_encoder = load_fast_text_encoder_from(captions, encoder.dim, threads=1)
     return encoder
 
 

@@ -221,7 +221,7 @@ def _encode_and_write(collection, encoder, plan, options, pool, report, progress
         source = stack.enter_context(closing(batches(plan, encoder, options.batch_size, pool)))
         for size, batch, images_done in source:
             text_rows = [w for w in batch if w.encode_text and w.item.caption]  # a removed caption: no vector
-            text_vecs = encoder.encode_texts([w.item.caption for w in text_rows]) if text_rows else []
+            text_vecs = encoder.encode_captions([w.item.caption for w in text_rows]) if text_rows else []
             encoding.append((size, images_done, dict(zip((w.item.key for w in text_rows), text_vecs))))
             if len(encoding) > 1:
                 write_oldest()

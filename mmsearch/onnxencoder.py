@@ -22,31 +22,40 @@ from .config import ModelRef
 from .errors import ModelLoadError
 from .imageonnx import OnnxImageTower, cached_image_tower
 from .pixels import FastPreprocess
-from .textonnx import FastTextEncoder, exported_folder, load_fast_text_encoder_from
+from .textonnx import FastTextEncoder, exported_folder, load_fast_text_encoder_from, usable_caption_int8
 
 log = logging.getLogger(__name__)
 
 
 class OnnxEncoder:
     """What ingest uses of encoders.Encoder (ref, dim, input_side, preprocess, image_tower,
-    encode_texts, encode_pixels / submit_pixels / encode_images), with both towers in onnxruntime."""
+    encode_texts, encode_captions, encode_pixels / submit_pixels / encode_images), with every tower in
+    onnxruntime (the int8 variant: int8 images and captions, fp32 words)."""
 
     def __init__(self, ref: ModelRef, dim: int, input_side: int, preprocess: FastPreprocess,
-                 image_tower: OnnxImageTower, text_folder: Path):
+                 image_tower: OnnxImageTower, text_folder: Path, caption_folder: Path | None = None):
         self.ref, self.dim, self.input_side = ref, dim, input_side
         self.preprocess, self.image_tower = preprocess, image_tower
-        self.text_folder = text_folder  # textonnx's export, loaded by the first caption (0.9 s for ViT-B-32)
-        self._text: FastTextEncoder | None = None
+        # textonnx's exports, each loaded when first needed (0.9 s for ViT-B-32's fp32 text tower):
+        self.folders = {"text": text_folder, "caption": caption_folder or text_folder}  # caption: int8 or fp32
+        self._loaded: dict[Path, FastTextEncoder] = {}
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        if self._text is None:
+        return self._text("text").encode_texts(texts, batch_size)
+
+    def encode_captions(self, texts: Sequence[str]) -> np.ndarray:
+        return self._text("caption").encode_texts(texts)
+
+    def _text(self, role: str) -> FastTextEncoder:
+        folder = self.folders[role]
+        if folder not in self._loaded:
             try:
                 # one thread: ingest encodes captions beside the image streams, which keep every core busy
-                self._text = load_fast_text_encoder_from(self.text_folder, self.dim, threads=1)
+                self._loaded[folder] = load_fast_text_encoder_from(folder, self.dim, threads=1)
             except Exception as exc:
-                raise ModelLoadError(f"cached ONNX text tower of {self.ref.label()} in {self.text_folder} is "
+                raise ModelLoadError(f"cached ONNX text tower of {self.ref.label()} in {folder} is "
                                      f"unusable ({exc}); delete that folder to export it again") from exc
-        return self._text.encode_texts(texts, batch_size)
+        return self._loaded[folder]
 
     def encode_pixels(self, pixels) -> np.ndarray:
         """Encode an already-preprocessed batch (N, 3, H, W), a torch tensor or an array."""
@@ -73,8 +82,9 @@ def load_onnx_encoder(ref: ModelRef, variant: str) -> OnnxEncoder | None:
     if not meta.get("preprocess") or not meta.get("input_side"):
         return None
     text_folder = exported_folder(ref, int(meta["dim"]))
-    if text_folder is None:
+    caption_folder = usable_caption_int8(ref, int(meta["dim"])) if variant == "int8" else text_folder
+    if text_folder is None or caption_folder is None:  # not exported yet: the torch-loaded path does it
         return None
-    log.info("encoding with the cached ONNX towers of %s (%s images)", ref.label(), variant)
+    log.info("encoding with the cached ONNX towers of %s (%s images and captions)", ref.label(), variant)
     return OnnxEncoder(ref, int(meta["dim"]), int(meta["input_side"]), FastPreprocess.from_config(meta["preprocess"]),
-                       tower, text_folder)
+                       tower, text_folder, caption_folder or text_folder)  # False: fp32 captions

@@ -133,3 +133,54 @@ def test_cli_index_rerun_with_onnx_never_imports_open_clip(cache, tmp_path, cata
     again_report, again_modules = run("again")
     assert first_modules == {"open_clip": True} and again_modules == {"open_clip": False}
     assert first_report["added"] == again_report["added"] == 9
+
+
+def test_int8_onnx_encodes_captions_with_the_int8_text_tower_and_words_with_fp32(cache, tiny_checkpoint):
+    first = _exported(tiny_checkpoint, "int8")
+    assert first.caption_encoder is not None
+    meta = json.loads((textonnx.export_folder(first.ref, "int8") / "meta.json").read_text())
+    assert meta["usable"] and meta["probe_mean_cosine"] >= textonnx.CAPTION_INT8_MIN_COSINE
+    captions, words = first.encode_captions(TEXTS), first.encode_texts(TEXTS)
+    assert not np.allclose(captions, words, atol=1e-5)  # a different (quantised) tower ...
+    assert (captions * words).sum(axis=1).mean() >= textonnx.CAPTION_INT8_MIN_COSINE  # ... close to fp32
+    cached = load_encoder("mmsearch-tiny", str(tiny_checkpoint), quantize="int8", runtime="onnx")
+    assert isinstance(cached, OnnxEncoder)
+    np.testing.assert_allclose(cached.encode_captions(TEXTS), captions, atol=1e-6)
+    np.testing.assert_allclose(cached.encode_texts(TEXTS), words, atol=1e-4)
+    fp32 = load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="onnx")
+    assert fp32.caption_encoder is None
+    np.testing.assert_array_equal(fp32.encode_captions(TEXTS), fp32.encode_texts(TEXTS))
+
+
+def test_int8_ingest_stores_the_int8_caption_vectors(cache, tmp_path, catalog_dir, tiny_checkpoint):
+    encoder = _exported(tiny_checkpoint, "int8")
+    ingest(catalog_dir / "catalog.csv", tmp_path / "idx", IngestOptions(batch_size=4), encoder=encoder)
+    collection = Collection.open(tmp_path / "idx")
+    try:
+        stored = _by_key(collection, "text")
+        items = {i.key: i for i in collection.store.items(list(range(1, 40))).values()}
+    finally:
+        collection.close()
+    keys = sorted(stored)
+    got = np.stack([stored[key] for key in keys])
+    captions = [items[key].caption for key in keys]
+    # int8 activations are quantised per batch, so a vector depends a little on its batch-mates
+    assert (got * encoder.encode_captions(captions)).sum(axis=1).min() >= textonnx.CAPTION_INT8_MIN_COSINE
+    assert np.abs(got - encoder.encode_texts(captions)).max() > 1e-4  # not the fp32 tower's vectors
+
+
+def test_a_text_tower_int8_cannot_export_keeps_fp32_captions_and_the_verdict_is_cached(
+        cache, tiny_encoder, monkeypatch):
+    monkeypatch.setattr(tiny_encoder, "tokenizer", lambda texts: np.zeros((len(texts), 77), dtype=np.int64))
+    assert textonnx.export_caption_int8(tiny_encoder) is None
+    meta = json.loads((textonnx.export_folder(tiny_encoder.ref, "int8") / "meta.json").read_text())
+    assert meta["usable"] is False and "CLIP" in meta["reason"]
+    assert textonnx.usable_caption_int8(tiny_encoder.ref, tiny_encoder.dim) is False
+
+
+def test_an_int8_caption_tower_that_drifts_is_not_used(cache, tiny_encoder, monkeypatch):
+    monkeypatch.setattr(textonnx, "CAPTION_INT8_MIN_COSINE", 1.01)  # no int8 tower can reach it
+    assert textonnx.export_caption_int8(tiny_encoder) is None
+    folder = textonnx.export_folder(tiny_encoder.ref, "int8")
+    assert "drifts" in json.loads((folder / "meta.json").read_text())["reason"]
+    assert not (folder / textonnx.ORT_FILE).exists()
