@@ -18,6 +18,7 @@ interleaved runs (so load changes hit all alike):
     python benchmarks/bench_ingest.py            # 192 images 640x480, 3 repeats
     python benchmarks/bench_ingest.py --quick    # 48 images, 1 repeat
     python benchmarks/bench_ingest.py --images 960 --skip-agreement --name bench_ingest_960   # steady state
+    python benchmarks/bench_ingest.py --captions --variant "onnxruntime int8" --skip-agreement --name bench_ingest_captions
 """
 
 from __future__ import annotations
@@ -88,13 +89,33 @@ def encode_batches(encoder, batches) -> tuple[float, float]:
     return time.perf_counter() - t0, process_cpu() - c0
 
 
+CAPTION_WORDS = ["red", "blue", "leather", "cotton", "summer", "winter", "ankle", "boot", "dress", "shirt",
+                 "striped", "slim", "wool", "canvas", "black", "white"]
+
+
+def captioned_catalog(paths: list[Path]) -> Path:
+    """A CSV catalog of the photos, each with a product title of 9-10 words (`--captions`)."""
+    import csv
+
+    catalog = paths[0].parent / "catalog.csv"
+    with catalog.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "image", "caption"])
+        for i, path in enumerate(paths):
+            words = [CAPTION_WORDS[(i * k + k) % len(CAPTION_WORDS)] for k in range(1, 9)]
+            writer.writerow([f"p{i:05d}", path.name, " ".join(words) + f" size {i % 7}"])
+    return catalog
+
+
 def run_pipeline(folder: Path, encoder, batch_size: int, workers: int, tmp: Path) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of one whole ingest of the folder into a new index."""
+    """(wall seconds, CPU seconds) of one whole ingest of the folder (or its catalog.csv, with
+    --captions) into a new index."""
     from mmsearch.ingest import IngestOptions, ingest
 
     index_dir = Path(tempfile.mkdtemp(dir=tmp))
     c0, t0 = process_cpu(), time.perf_counter()
-    report = ingest(folder, index_dir, IngestOptions(batch_size=batch_size, workers=workers, index_type="flat"),
+    catalog = folder / "catalog.csv" if (folder / "catalog.csv").is_file() else folder
+    report = ingest(catalog, index_dir, IngestOptions(batch_size=batch_size, workers=workers, index_type="flat"),
                     encoder=encoder)
     elapsed, cpu = time.perf_counter() - t0, process_cpu() - c0
     assert report.added == len(list(folder.glob("*.jpg"))) and not report.failed, report.to_dict()
@@ -183,6 +204,8 @@ def speed(args, tmp: Path) -> dict:
 
     n, repeat = (48, 1) if args.quick else (args.images, args.repeat)
     paths = make_images(tmp / "images", n)
+    if args.captions:
+        captioned_catalog(paths)
     variants, pipelines = selected(args)
     encoders = load_variants(args.model, args.pretrained, [k for k in VARIANTS if k == "torch fp32" or k in variants])
     fp32 = encoders["torch fp32"]  # the reference preprocessing and FLOP count; timed only when selected
@@ -213,6 +236,7 @@ def speed(args, tmp: Path) -> dict:
     flops = encoder_flops(fp32.model, pixels.shape[-1])
     captions = caption_encoding(fp32, repeat)
     return {"model": args.model + (f" --pretrained {args.pretrained}" if args.pretrained else ""), "images": n,
+            "captions": bool(args.captions),
             "repeat": repeat, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
             "decode_preprocess_ms_per_image_1thread": decode_ms, "images_per_s": ips,
             "variants": variants, "pipelines": pipelines,
@@ -300,6 +324,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--captions", action="store_true",
+                        help="the pipeline ingests a CSV catalog: every photo has a caption to encode as well")
     parser.add_argument("--skip-agreement", action="store_true", help="speed only (no trained-model agreement)")
     parser.add_argument("--name", help="results file name (default bench_ingest, or bench_ingest_quick)")
     parser.add_argument("--variant", action="append", choices=list(VARIANTS),
@@ -323,7 +349,9 @@ def report(result: dict) -> str:
     rows = [[k, f"{ips[k]:.2f}", f"{ratio[k]:.3f}" if ratio else "-", f"{gflops[k]:.0f}"] for k in variants]
     rows += [[k, f"{ips[k]:.2f}", f"{ratio[k]:.3f}" if ratio else "-",
               f"{result['pipeline_over_its_bare_encoder'][k]:.3f} of bare {PIPELINES[k][0]}"] for k in pipelines]
-    text = (f"Ingest, {result['model']}, {result['images']} images 640x480 JPEG, batch {result['batch_size']}, "
+    text = (f"Ingest, {result['model']}, {result['images']} images 640x480 JPEG"
+            + (" (pipeline: a CSV catalog, each photo with a caption)" if result.get("captions") else "")
+            + f", batch {result['batch_size']}, "
             f"torch threads {result['torch_threads']}, median of {result['repeat']} interleaved runs\n"
             + fmt_table(["variant", "images/s", "x bare torch fp32", "GFLOP/s | pipeline / bare"], rows)
             + f"\n\nencoder {result['encoder_gflop_per_image']:.2f} GFLOP/image; fp32 matmul 2048^3: "
