@@ -18,7 +18,8 @@ interleaved runs (so load changes hit all alike):
     python benchmarks/bench_ingest.py            # 192 images 640x480, 3 repeats
     python benchmarks/bench_ingest.py --quick    # 48 images, 1 repeat
     python benchmarks/bench_ingest.py --images 960 --skip-agreement --name bench_ingest_960   # steady state
-    python benchmarks/bench_ingest.py --captions --variant "onnxruntime int8" --skip-agreement --name bench_ingest_captions
+    python benchmarks/bench_ingest.py --captions --variant "onnxruntime int8" --skip-agreement \
+        --name bench_ingest_captions                # every photo with a caption (a CSV catalog)
 """
 
 from __future__ import annotations
