@@ -93,8 +93,9 @@ def cli(verbose: int) -> None:
 @click.option("--wait", is_flag=True, help="Wait for another ingest on this index instead of failing.")
 @click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="Run the image tower in PyTorch or in ONNX Runtime (exported and checked once per model).")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Encode images with a dynamic int8 tower: faster on "
-              "CPU (most with --runtime onnx), vectors move slightly (see benchmarks/README.md).")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Encode images with a dynamic int8 tower (with "
+              "--runtime onnx, captions too): faster on CPU (most with --runtime onnx), vectors move slightly "
+              "(see benchmarks/README.md).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def index_cmd(catalog, index_name, model, pretrained, batch_size, workers, delete, index_type, max_memory,
