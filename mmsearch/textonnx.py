@@ -232,6 +232,10 @@ def export_text_encoder(encoder) -> Path | None:
     folder = export_folder(encoder.ref)
     if (folder / META_FILE).is_file():
         return folder
+    if getattr(encoder, "model", None) is None:  # onnxencoder.OnnxEncoder: its export went missing mid-run
+        log.warning("the ONNX text tower of %s left the cache; the next `mmsearch index` exports it again",
+                    encoder.ref.label())
+        return None
     context_length = _plain_clip_context_length(encoder.tokenizer)
     if context_length is None:
         log.info("fast text path off for %s: its tokenizer is not open_clip's CLIP BPE", encoder.ref.label())

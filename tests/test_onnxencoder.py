@@ -69,6 +69,17 @@ def test_anything_missing_from_the_cache_loads_the_torch_encoder(cache, tiny_che
     assert isinstance(loaded(), Encoder)
 
 
+def test_an_ingest_whose_cached_text_tower_vanished_still_finishes(cache, tmp_path, catalog_dir, tiny_checkpoint):
+    import shutil
+
+    first = _exported(tiny_checkpoint, "fp32")
+    cached = load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="onnx")
+    cached.encode_texts(["a red boot"])  # loaded: the run needs nothing more from the folder
+    shutil.rmtree(textonnx.export_folder(first.ref))
+    report = ingest(catalog_dir / "catalog.csv", tmp_path / "idx", IngestOptions(batch_size=4), encoder=cached)
+    assert report.added == 9 and textonnx.export_text_encoder(cached) is None
+
+
 def test_a_damaged_cached_text_tower_is_a_clear_error_naming_its_folder(cache, tiny_checkpoint):
     first = _exported(tiny_checkpoint, "fp32")
     folder = textonnx.export_folder(first.ref)
