@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 DISABLE_ENV = "MMSEARCH_FAST_TEXT"  # "0": never use (or write) the ONNX text encoder
 EXPORT_FORMAT = 3  # bump when the exported graph's inputs/outputs change (3: dynamic length)
+# An index built before format 3 keeps its torch-free queries until its next `mmsearch index` exports
+# format 3: a format-2 graph is the same tower over the whole context (its meta has no "trim").
+FULL_CONTEXT_FORMAT = 2
 ONNX_FILE = "text.onnx"  # the exported graph (deleted once converted)
 ORT_FILE = "text.ort"  # ORT format (flatbuffers, basic optimisations applied): ~40% faster session start
 EXPORT_TOLERANCE = 1e-4  # max |onnx - torch| over normalised vectors of the probe texts
@@ -193,7 +196,9 @@ def load_fast_text_encoder(ref: ModelRef, dim: int) -> FastTextEncoder | None:
         return None
     folder = export_folder(ref)
     if not (folder / META_FILE).is_file():
-        return None
+        folder = cache_root("text-onnx") / model_key(ref, "text", FULL_CONTEXT_FORMAT)
+        if not (folder / META_FILE).is_file():  # neither this format nor the previous one
+            return None
     try:
         return load_fast_text_encoder_from(folder, dim)
     except Exception as exc:  # a damaged cache or a missing onnxruntime must never break a search
@@ -214,7 +219,7 @@ def exported_folder(ref: ModelRef, dim: int, variant: str = "fp32") -> Path | No
 def load_fast_text_encoder_from(folder: Path, dim: int, threads: int | None = None) -> FastTextEncoder:
     """threads: the session's intra-op threads (default one per core)."""
     meta = read_meta(folder) or {}
-    if meta.get("format") != EXPORT_FORMAT or meta.get("dim") != dim:
+    if meta.get("format") not in (EXPORT_FORMAT, FULL_CONTEXT_FORMAT) or meta.get("dim") != dim:
         raise ValueError(f"export in {folder} is for another format or dimension")
     session = ort_session(folder / ORT_FILE, fast_start=True, threads=threads)
     return FastTextEncoder(session, ClipTokenizer(int(meta["context_length"])), dim, trim=bool(meta.get("trim")))

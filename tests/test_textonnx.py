@@ -70,6 +70,20 @@ def test_export_takes_any_length_and_queries_run_only_their_prefix(exported, tin
     assert not any("attention" in vars(block) for block in tiny_encoder.model.transformer.resblocks)
 
 
+def test_an_export_of_the_previous_format_still_serves_queries(exported, tiny_encoder):
+    """An index built before the dynamic-length export keeps torch-free queries (whole context)."""
+    from mmsearch.onnxcache import cache_root, model_key
+
+    old = cache_root("text-onnx") / model_key(tiny_encoder.ref, "text", textonnx.FULL_CONTEXT_FORMAT)
+    exported.rename(old)
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({k: v for k, v in {**meta, "format": 2}.items() if k != "trim"}))
+    fast = textonnx.load_fast_text_encoder(tiny_encoder.ref, tiny_encoder.dim)
+    assert fast is not None and fast.trim is False
+    np.testing.assert_allclose(fast.encode_texts(TEXTS), tiny_encoder.encode_texts(TEXTS), atol=1e-4)
+    assert textonnx.exported_folder(tiny_encoder.ref, tiny_encoder.dim) is None  # ingest re-exports format 3
+
+
 def test_key_changes_when_the_weights_file_changes(tmp_path):
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"one")
