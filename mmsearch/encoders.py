@@ -217,7 +217,6 @@ def load_encoder(name: str, pretrained: str | None = None, quantize: str | None 
     onnxencoder.OnnxEncoder, which never imports open_clip nor builds the torch model; before, the
     torch model is loaded (its text tower encodes captions) and the image tower exported."""
     from .imageonnx import RUNTIMES, image_tower
-    from .onnxencoder import load_onnx_encoder
     from .pixels import fast_preprocess
 
     if runtime not in RUNTIMES:
@@ -226,8 +225,11 @@ def load_encoder(name: str, pretrained: str | None = None, quantize: str | None 
         raise ModelLoadError(f"unknown quantisation {quantize!r}; choose from {', '.join(QUANTIZE_MODES)}")
     set_torch_threads()
     ref = canonical_ref(name, pretrained)
-    if runtime == "onnx" and (cached := load_onnx_encoder(ref, quantize or "fp32")) is not None:
-        return cached
+    if runtime == "onnx":
+        from .onnxencoder import load_onnx_encoder
+
+        if (cached := load_onnx_encoder(ref, quantize or "fp32")) is not None:
+            return cached
     import open_clip
 
     register_packaged_configs()

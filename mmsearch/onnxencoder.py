@@ -33,11 +33,12 @@ class OnnxEncoder:
     onnxruntime (the int8 variant: int8 images and captions, fp32 words)."""
 
     def __init__(self, ref: ModelRef, dim: int, input_side: int, preprocess: FastPreprocess,
-                 image_tower: OnnxImageTower, text_folder: Path, caption_folder: Path | None = None):
+                 image_tower: OnnxImageTower, text_folder: Path, caption_folder: Path):
         self.ref, self.dim, self.input_side = ref, dim, input_side
         self.preprocess, self.image_tower = preprocess, image_tower
-        # textonnx's exports, each loaded when first needed (0.9 s for ViT-B-32's fp32 text tower):
-        self.folders = {"text": text_folder, "caption": caption_folder or text_folder}  # caption: int8 or fp32
+        # textonnx's exports, each loaded when first needed (0.9 s for ViT-B-32's fp32 text tower);
+        # the caption folder is the int8 export or the text one
+        self.folders = {"text": text_folder, "caption": caption_folder}
         self._loaded: dict[Path, FastTextEncoder] = {}
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:

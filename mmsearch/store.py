@@ -272,7 +272,7 @@ class Store:
             if new := [row for row in rows if row["key"] not in ids]:
                 # executemany, then the ids by key: SQLite cannot batch an ordered INSERT ... RETURNING,
                 # so SQLAlchemy would run one statement per row (32 per batch instead of 2)
-                session.execute(insert(Item.__table__), new)  # Core: no ORM bulk-insert bookkeeping per row
+                session.execute(insert(_ITEMS), new)  # Core: no ORM bulk-insert bookkeeping per row
                 ids.update(self._ids_of(session, [row["key"] for row in new]))
             self._replace_vectors(session, by_key.values(), ids)
             fields = set(session.scalars(select(MetaField.name)))
@@ -301,7 +301,7 @@ class Store:
         rows = [{"item_id": ids[rec.key], "modality": modality, "data": np.asarray(vec, dtype=np.float32).tobytes()}
                 for rec in records for modality, vec in rec.vectors.items() if vec is not None]
         if rows:
-            session.execute(insert(Vector.__table__), rows)
+            session.execute(insert(_VECTORS), rows)
 
     def delete_items(self, ids: Sequence[int]) -> None:
         with db_errors(self.path, "write to"), Session(self.engine) as session, session.begin():
@@ -312,15 +312,16 @@ class Store:
         fault_point("items-deleted")
 
 
-# The writer's per-batch statements, built once: an IN over a list literal is coerced value by value
-# and compiled again for every batch; an expanding parameter is not.
+# The statements run per ingest batch (the writer) and per query (hits, candidates' vectors), built
+# once: an IN over a list literal is coerced value by value and compiled again on every call; an
+# expanding parameter is not. Core tables: no ORM bookkeeping per row.
 _ITEMS, _VECTORS = Item.__table__, Vector.__table__
 _ITEMS_BY_ID = select(_ITEMS).where(_ITEMS.c.id.in_(bindparam("ids", expanding=True)))
 _VECTORS_BY_ID = select(_VECTORS.c.item_id, _VECTORS.c.data).where(
     _VECTORS.c.modality == bindparam("modality"), _VECTORS.c.item_id.in_(bindparam("ids", expanding=True)))
-_IDS_BY_KEY = select(Item.key, Item.id).where(Item.key.in_(bindparam("keys", expanding=True)))
-_DELETE_VECTORS = delete(Vector.__table__).where(Vector.modality == bindparam("modality"),
-                                                 Vector.item_id.in_(bindparam("ids", expanding=True)))
+_IDS_BY_KEY = select(_ITEMS.c.key, _ITEMS.c.id).where(_ITEMS.c.key.in_(bindparam("keys", expanding=True)))
+_DELETE_VECTORS = delete(_VECTORS).where(_VECTORS.c.modality == bindparam("modality"),
+                                         _VECTORS.c.item_id.in_(bindparam("ids", expanding=True)))
 
 
 def _bump_generation(session: Session) -> None:

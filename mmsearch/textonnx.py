@@ -63,10 +63,10 @@ def enabled() -> bool:
 CAPTION_INT8_MIN_COSINE = 0.99  # mean cosine(int8 caption tower, torch fp32) over the probe texts
 
 
-def export_folder(ref: ModelRef, variant: str = "fp32") -> Path:
+def export_folder(ref: ModelRef, variant: str = "fp32", export_format: int = EXPORT_FORMAT) -> Path:
     """fp32: the query tower; int8: the dynamically quantised caption tower (export_caption_int8)."""
     extra = () if variant == "fp32" else (variant,)
-    return cache_root("text-onnx") / model_key(ref, "text", EXPORT_FORMAT, *extra)
+    return cache_root("text-onnx") / model_key(ref, "text", export_format, *extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def load_fast_text_encoder(ref: ModelRef, dim: int) -> FastTextEncoder | None:
         return None
     folder = export_folder(ref)
     if not (folder / META_FILE).is_file():
-        folder = cache_root("text-onnx") / model_key(ref, "text", FULL_CONTEXT_FORMAT)
+        folder = export_folder(ref, export_format=FULL_CONTEXT_FORMAT)
         if not (folder / META_FILE).is_file():  # neither this format nor the previous one
             return None
     try:
@@ -282,15 +282,10 @@ def _export(encoder, tokenizer: ClipTokenizer, staging: Path) -> dict | None:
         _export_prefix(encoder.model, tokens[:, : _prefix_length(tokens.numpy())], staging / ONNX_FILE)
     else:
         export_method(encoder.model, "encode_text", tokens, staging / ONNX_FILE, "tokens")
-    save_ort_format(staging / ONNX_FILE, staging / ORT_FILE)
-    (staging / ONNX_FILE).unlink()
     meta = {"format": EXPORT_FORMAT, "model": encoder.ref.label(), "dim": encoder.dim,
             "context_length": tokenizer.context_length, "trim": trim}
-    (staging / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-    fast = load_fast_text_encoder_from(staging, encoder.dim)
-    want = encoder.encode_texts(PROBE_TEXTS)
-    one_by_one = np.concatenate([fast.encode_texts([text]) for text in PROBE_TEXTS])
-    error = float(max(np.abs(fast.encode_texts(PROBE_TEXTS) - want).max(), np.abs(one_by_one - want).max()))
+    want, *got = _probe_export(encoder, staging, meta)
+    error = float(max(np.abs(vectors - want).max() for vectors in got))
     if error > EXPORT_TOLERANCE:
         log.warning("ONNX text encoder of %s differs from torch by %.2g; not used", encoder.ref.label(), error)
         return None
@@ -306,7 +301,12 @@ def export_caption_int8(encoder) -> Path | None:
     verdict is cached too, so the export is not retried on every run)."""
     folder = export_folder(encoder.ref, "int8")
     if read_meta(folder) is None:
-        publish(folder, lambda staging: _export_int8(encoder, staging))
+        try:
+            publish(folder, lambda staging: _export_int8(encoder, staging))
+        except Exception as exc:  # an extra on top of int8 images: failing it must not fail the index
+            log.warning("could not export the int8 caption tower of %s (%s); captions use fp32",
+                        encoder.ref.label(), exc)
+            return None
     meta = read_meta(folder) or {}
     if not meta.get("usable"):
         log.info("captions of %s use the fp32 text tower: %s", encoder.ref.label(), meta.get("reason", "no export"))
@@ -336,21 +336,27 @@ def _export_int8(encoder, staging: Path) -> dict:
     _export_prefix(encoder.model, torch.from_numpy(tokens[:, : _prefix_length(tokens)]), fp32)
     quantize_dynamic(str(fp32), str(staging / ONNX_FILE), weight_type=QuantType.QInt8)
     fp32.unlink()
-    save_ort_format(staging / ONNX_FILE, staging / ORT_FILE)
-    (staging / ONNX_FILE).unlink()
     meta = {**verdict, "context_length": tokenizer.context_length, "trim": True}
-    (staging / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-    fast = load_fast_text_encoder_from(staging, encoder.dim, threads=1)
-    want = encoder.encode_texts(PROBE_TEXTS)
-    one_by_one = np.concatenate([fast.encode_texts([text]) for text in PROBE_TEXTS])
-    batched = fast.encode_texts(PROBE_TEXTS)
-    cosine = float(min((batched * want).sum(axis=1).mean(), (one_by_one * want).sum(axis=1).mean()))
+    want, *got = _probe_export(encoder, staging, meta)
+    cosine = float(min((vectors * want).sum(axis=1).mean() for vectors in got))
     if cosine < CAPTION_INT8_MIN_COSINE:
         (staging / ORT_FILE).unlink()
         return {**verdict, "usable": False, "probe_mean_cosine": cosine,
                 "reason": f"int8 drifts from fp32 (mean cosine {cosine:.4f} < {CAPTION_INT8_MIN_COSINE})"}
     log.info("exported the int8 ONNX caption tower of %s (cosine to torch %.5f)", encoder.ref.label(), cosine)
     return {**meta, "usable": True, "probe_mean_cosine": cosine}
+
+
+def _probe_export(encoder, staging: Path, meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Convert staging's graph to ORT format, record its meta and load it; the probe texts' vectors
+    (torch's, the export's on the whole batch, the export's one text at a time: every text's own
+    length) for the caller's check."""
+    save_ort_format(staging / ONNX_FILE, staging / ORT_FILE)
+    (staging / ONNX_FILE).unlink()
+    (staging / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+    fast = load_fast_text_encoder_from(staging, encoder.dim, threads=1)
+    one_by_one = np.concatenate([fast.encode_texts([text]) for text in PROBE_TEXTS])
+    return encoder.encode_texts(PROBE_TEXTS), fast.encode_texts(PROBE_TEXTS), one_by_one
 
 
 def _trimmable(model) -> bool:
