@@ -195,3 +195,12 @@ def test_an_int8_caption_tower_that_drifts_is_not_used(cache, tiny_encoder, monk
     folder = textonnx.export_folder(tiny_encoder.ref, "int8")
     assert "drifts" in json.loads((folder / "meta.json").read_text())["reason"]
     assert not (folder / textonnx.ORT_FILE).exists()
+
+
+def test_an_int8_caption_export_that_fails_keeps_fp32_captions(cache, tiny_encoder, monkeypatch):
+    def broken(encoder, staging):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(textonnx, "_export_int8", broken)
+    assert textonnx.export_caption_int8(tiny_encoder) is None
+    assert textonnx.usable_caption_int8(tiny_encoder.ref, tiny_encoder.dim) is None  # retried next run
