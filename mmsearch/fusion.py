@@ -143,7 +143,12 @@ def attention_fuse(
     """
     q, w = _check_query(query_vecs, part_weights)
     v, mask = _check_items(item_vecs, item_mask, q.shape[1])
-    sims = np.einsum("pd,nmd->npm", q, v)
+    return fuse_similarities(np.einsum("pd,nmd->npm", q, v), w, mask, params)
+
+
+def fuse_similarities(sims: np.ndarray, w: np.ndarray, mask: np.ndarray, params: FusionParams) -> FusionResult:
+    """attention_fuse from the similarities s[n,p,m] themselves (0 where mask[n,m] is False): what a
+    caller that already has them (FAISS's exact inner products) uses, with no item vector read."""
     present = np.broadcast_to(mask[:, None, :], sims.shape)
     log_prior = np.log([params.image_weight, params.text_weight])
     alpha = _attention(sims, log_prior, present, params.modality_tau, 2, zero_direction=1)
