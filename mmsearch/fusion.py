@@ -167,6 +167,21 @@ def fuse_similarities(sims: np.ndarray, w: np.ndarray, mask: np.ndarray, params:
     )
 
 
+def one_part_one_modality(similarities: np.ndarray, column: int) -> FusionResult:
+    """fuse_similarities' result for one positive part and items that all have the one modality
+    `column` (a query against one FAISS index): each softmax is then over a single entry, weight 1,
+    so every item's score is its similarity. In closed form: the general path's thirty array
+    operations were a tenth of a warm query's search."""
+    n = len(similarities)
+    scores = np.asarray(similarities, dtype=np.float64)
+    sims = np.full((n, 1, 2), np.nan)
+    sims[:, 0, column] = scores
+    alpha = np.zeros((n, 1, 2))
+    alpha[:, 0, column] = 1.0
+    return FusionResult(scores=scores.copy(), part_scores=scores[:, None].copy(), part_weights=np.ones((n, 1)),
+                        modality_weights=alpha, similarities=sims)
+
+
 def _by_modality(values: np.ndarray, present: np.ndarray) -> dict:
     return {name: float(values[m]) if present[m] else None for m, name in enumerate(MODALITY_NAMES)}
 

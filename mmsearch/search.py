@@ -306,14 +306,14 @@ class Searcher:
     def _score_similarities(self, similarities, vectors, weights, modality, strategy) -> fusion.FusionResult:
         """Fuse one part's similarities to one modality of each item (the direct path)."""
         col = 0 if modality == "image" else 1
+        if strategy != "sum":
+            return fusion.one_part_one_modality(similarities, col)
         sims = np.zeros((len(similarities), 1, 2))
         sims[:, 0, col] = similarities
         mask = np.zeros((len(similarities), 2), dtype=bool)
         mask[:, col] = True
-        if strategy == "sum":
-            norm = float(np.linalg.norm(weights[0] * vectors[0].astype(np.float64)))
-            return _sum_fuse_similarities(sims, np.where(mask, sims[:, 0, :], -np.inf), weights, norm, mask)
-        return fusion.fuse_similarities(sims, weights, mask, fusion_params(self.manifest.fusion))
+        norm = float(np.linalg.norm(weights[0] * vectors[0].astype(np.float64)))
+        return _sum_fuse_similarities(sims, np.where(mask, sims[:, 0, :], -np.inf), weights, norm, mask)
 
     def _hits(self, ids, scored, order, query: Query) -> list[Hit]:
         rows = self.collection.store.items([int(ids[i]) for i in order])

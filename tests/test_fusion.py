@@ -11,6 +11,8 @@ from mmsearch.fusion import (
     attention_fuse,
     explain,
     fit_taus,
+    fuse_similarities,
+    one_part_one_modality,
     sum_fuse_query,
     sum_score,
 )
@@ -113,6 +115,23 @@ def test_single_part_single_modality_is_the_cosine():
     r = attention_fuse(q, np.array([1.0]), v, mask, FusionParams())
     np.testing.assert_allclose(r.scores, v[:, 0] @ q[0], rtol=0, atol=1e-12)
     np.testing.assert_array_equal(r.part_weights, 1.0)
+
+
+@pytest.mark.parametrize("column", [0, 1])
+@pytest.mark.parametrize("params", [FusionParams(), FusionParams(modality_tau=0.0, part_tau=0.0),
+                                    FusionParams(modality_tau=2.0, part_tau=0.5, image_weight=3.0)])
+def test_one_part_one_modality_closed_form_equals_the_general_fusion(column, params):
+    q, v, mask = random_case(7, n=9, p=1)
+    mask[:] = False
+    mask[:, column] = True
+    general = attention_fuse(q, np.array([2.5]), v, mask, params)
+    sims = np.where(mask[:, None, :], np.einsum("pd,nmd->npm", q, v), 0.0)
+    assert np.array_equal(fuse_similarities(sims, np.array([2.5]), mask, params).scores, general.scores)
+    closed = one_part_one_modality(sims[:, 0, column], column)
+    for field in ("scores", "part_scores", "part_weights", "modality_weights"):
+        np.testing.assert_allclose(getattr(closed, field), getattr(general, field), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(np.isnan(closed.similarities), np.isnan(general.similarities))
+    assert explain(closed, 3, ["q"]) == explain(general, 3, ["q"])
 
 
 def test_negative_part_lowers_similar_items_only():

@@ -80,6 +80,26 @@ def test_fused_top10_equals_exhaustive(synthetic_index, strategy, target, weight
     assert np.mean(recalls) >= 0.99, str(recalls)
 
 
+@pytest.mark.parametrize("strategy", ["attention", "sum"])
+@pytest.mark.parametrize("target", ["image", "text"])
+def test_direct_path_scores_and_explain_match_the_stored_vectors(synthetic_index, strategy, target):
+    """One part against one modality is scored from FAISS's inner products, not the store's vectors:
+    the scores and explanations must be the ones the stored vectors give."""
+    path, centers = synthetic_index
+    with Searcher(path) as searcher:
+        vectors, weights = query_vectors(centers, parts=1, seed=4), np.array([1.5])
+        query = Query(parts=[QueryPart("text", "a", 1.5)], target=target, fusion=strategy, k=10, explain=True)
+        hits = searcher.search_vectors(query, vectors, weights).results
+        ids = np.array([searcher.collection.store.item_by_key(h.id).id for h in hits])
+        stored = searcher._score(ids, vectors, weights, [target], strategy)
+        assert [h.score for h in hits] == pytest.approx(list(stored.scores), abs=1e-6)
+        for row, hit in enumerate(hits):
+            want = fusion.explain(stored, row, ["a"])["parts"][0]
+            got = hit.explain["parts"][0]
+            assert got["similarity"] == pytest.approx(want["similarity"], abs=1e-6)
+            assert got["modality_attention"] == want["modality_attention"]
+
+
 def test_explain_contributions_sum_to_score(synthetic_index):
     path, centers = synthetic_index
     with Searcher(path) as searcher:
