@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from .catalog import CatalogItem, read_catalog
-from .collection import Collection
-from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from .collection import Collection, VectorChanges
+from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, MODALITIES
 from .encoders import Encoder, canonical_ref, load_encoder
 from .errors import ItemError, MMSearchError
 from .images import load_image, load_pixels, open_image_file
@@ -65,10 +65,11 @@ class IngestReport:
     removed: int = 0
     unchanged: int = 0
     failed: list[ItemError] = field(default_factory=list)
+    index_updated: list[str] = field(default_factory=list)  # FAISS indexes updated in place, not rebuilt
 
     def to_dict(self) -> dict:
         return {"added": self.added, "updated": self.updated, "removed": self.removed,
-                "unchanged": self.unchanged,
+                "unchanged": self.unchanged, "index_updated_in_place": self.index_updated,
                 "failed": [{"item": e.item, "reason": e.reason} for e in self.failed]}
 
 
@@ -129,16 +130,22 @@ def _open_or_create(index_dir: Path, options: IngestOptions, encoder: Encoder | 
 def _run(collection: Collection, encoder: Encoder, items: list[CatalogItem], options: IngestOptions,
          report: IngestReport, progress: Progress) -> None:
     known = collection.store.fingerprints()
+    start_generation = collection.store.generation()
+    changes = VectorChanges({m: {i for i, _, _, mods in known.values() if m in mods} for m in MODALITIES})
     workers = options.workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
         plan = _plan(items, known, pool, report, progress)
-        _encode_and_write(collection, encoder, plan, options, pool, report, progress)
+        _encode_and_write(collection, encoder, plan, options, pool, report, progress, changes)
     seen = {it.key for it in items} | {e.item for e in report.failed}
     gone = [known[key][0] for key in known if key not in seen]
     if gone and options.delete:
         collection.store.delete_items(gone)
+        changes.delete(gone)
         report.removed = len(gone)
     progress("saving index", 0, 1)
+    if collection.store.generation() != start_generation:  # else save_faiss keeps the published files
+        report.index_updated = collection.update_published(changes, start_generation, options.index_type,
+                                                           options.max_memory)
     collection.save_faiss(options.index_type, options.max_memory)
     progress("saving index", 1, 1)
     export_text_encoder(encoder)  # once per model: later text queries skip torch
@@ -193,7 +200,7 @@ def _hash_item(item: CatalogItem) -> tuple[str | None, str | None] | ItemError:
     return digest.hexdigest(), caption_hash
 
 
-def _encode_and_write(collection, encoder, plan, options, pool, report, progress) -> None:
+def _encode_and_write(collection, encoder, plan, options, pool, report, progress, changes: VectorChanges) -> None:
     """Encode batch after batch; each batch's rows are committed by a writer thread while the next
     batch encodes (SQLite's fsync no longer stalls the encoder). At most one commit is in flight and
     commits stay in batch order, so a killed run still leaves a prefix of whole batches.
@@ -214,7 +221,7 @@ def _encode_and_write(collection, encoder, plan, options, pool, report, progress
         def write_oldest() -> None:
             nonlocal commit, done
             size, images_done, text_by_key = encoding.popleft()
-            commit = _write(collection, writer, commit, images_done(), text_by_key, report)
+            commit = _write(collection, writer, commit, images_done(), text_by_key, report, changes)
             done += size
             progress("encoding", min(done, total), total)
 
@@ -248,18 +255,23 @@ def _one_torch_thread():
         torch.set_num_threads(before)
 
 
-def _write(collection, writer, commit, images: _Images, text_by_key: dict, report: IngestReport):
+def _write(collection, writer, commit, images: _Images, text_by_key: dict, report: IngestReport,
+           changes: VectorChanges):
     """Hand one batch's rows to the writer thread once the previous commit (`commit`) is done;
     returns the new in-flight commit."""
     report.failed.extend(images.failed)
     records = [_record(w, images.vectors.get(w.item.key), text_by_key.get(w.item.key)) for w in images.kept]
     if commit is not None:
         commit.result()  # re-raises a failed commit before anything later is written
-    return writer.submit(_commit, collection, records, images.kept, report) if records else None
+    return writer.submit(_commit, collection, records, images.kept, report, changes) if records else None
 
 
-def _commit(collection, records: list[ItemRecord], batch: list[_Work], report: IngestReport) -> None:
-    collection.store.write_batch(records)
+def _commit(collection, records: list[ItemRecord], batch: list[_Work], report: IngestReport,
+            changes: VectorChanges) -> None:
+    ids = collection.store.write_batch(records)
+    for record in records:  # only once committed: a failed batch changed nothing
+        for modality, vector in record.vectors.items():
+            changes.replace(ids[record.key], modality, vector)
     for w in batch:
         if w.is_new:
             report.added += 1
