@@ -86,8 +86,9 @@ def cli(verbose: int) -> None:
                    "on the encoder's streams (one per core) and these threads only hash.")
 @click.option("--delete/--no-delete", default=True, show_default=True,
               help="Remove indexed items that are no longer in the catalog.")
-@click.option("--index-type", type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]), default="auto",
-              show_default=True)
+@click.option("--index-type", type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]),
+              help="FAISS index type. Default: what the index was last built with (its --index-type or "
+                   "`reindex`), auto for a new index.")
 @click.option("--max-memory", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Memory budget in MiB for the automatic index choice.")
 @click.option("--wait", is_flag=True, help="Wait for another ingest on this index instead of failing.")

@@ -51,7 +51,7 @@ class IngestOptions:
     batch_size: int = 32  # images per encoder forward pass
     workers: int = 0  # decode + hashing threads; 0 = one per core (the ONNX tower decodes on its streams)
     delete: bool = True  # remove items that left the catalog
-    index_type: str = "auto"
+    index_type: str | None = None  # None: what the index was last built with ("auto" for a new one)
     max_memory: int = DEFAULT_MAX_MEMORY
     wait_for_lock: bool = False
     quantize: str | None = None  # 'int8': dynamic int8 image tower (CPU speed option; vectors move slightly)
@@ -143,10 +143,11 @@ def _run(collection: Collection, encoder: Encoder, items: list[CatalogItem], opt
         changes.delete(gone)
         report.removed = len(gone)
     progress("saving index", 0, 1)
+    index_type = options.index_type or collection.manifest.index.requested
     if collection.store.generation() != start_generation:  # else save_faiss keeps the published files
-        report.index_updated = collection.update_published(changes, start_generation, options.index_type,
+        report.index_updated = collection.update_published(changes, start_generation, index_type,
                                                            options.max_memory)
-    collection.save_faiss(options.index_type, options.max_memory)
+    collection.save_faiss(index_type, options.max_memory)
     progress("saving index", 1, 1)
     export_text_encoder(encoder)  # once per model: later text queries skip torch
 

@@ -10,7 +10,7 @@ from mmsearch.index import VectorIndex
 from mmsearch.ingest import IngestOptions, ingest
 
 
-def run(csv, index, encoder, index_type="auto"):
+def run(csv, index, encoder, index_type=None):
     return ingest(csv, index, IngestOptions(batch_size=4, index_type=index_type), encoder=encoder)
 
 
@@ -82,6 +82,27 @@ def test_hnsw_takes_additions_in_place_and_is_rebuilt_for_a_removal(tmp_path, ca
     edit_row(csv, "hat-teal", "a teal hat", "a teal cap")  # replaces a caption: hnsw cannot remove the old one
     report = run(csv, index, tiny_encoder, "hnsw")
     assert report.index_updated == ["image"]  # no image changed; the text index was rebuilt
+    published_equals_store(index)
+
+
+def test_a_later_run_keeps_the_type_the_index_was_built_with(tmp_path, catalog_dir, tiny_encoder):
+    """9 items would be flat under auto; without --index-type a run keeps (and updates) the hnsw."""
+    csv, index = catalog_dir / "catalog.csv", tmp_path / "idx"
+    run(csv, index, tiny_encoder, "hnsw")
+    add_rows(csv, ["hat-teal,images/boot-blue.jpg,a teal hat,Hats,12,teal"])
+    assert run(csv, index, tiny_encoder).index_updated == ["image", "text"]
+    collection = Collection.open(index)
+    try:
+        assert collection.vector_index("image").params.index_type == "hnsw"
+        assert collection.manifest.index.requested == "hnsw"
+    finally:
+        collection.close()
+    run(csv, index, tiny_encoder, "auto")  # nothing to encode, but auto asked for: rebuilt as flat
+    collection = Collection.open(index)
+    try:
+        assert collection.vector_index("image").params.index_type == "flat"
+    finally:
+        collection.close()
     published_equals_store(index)
 
 
