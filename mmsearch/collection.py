@@ -46,24 +46,27 @@ UPDATE_MAX_GROWTH = 0.25
 
 @dataclass
 class VectorChanges:
-    """The vectors an ingest run wrote and dropped, per modality, against the published FAISS files it
-    started from: what `Collection.update_published` applies to them instead of a rebuild."""
+    """Which items an ingest run gave a new vector and which lost theirs, per modality, against the
+    published FAISS files it started from: what `Collection.update_published` applies to them instead
+    of a rebuild. Ids only: the vectors are read back from the store, the source of truth."""
 
     stored: dict[str, set[int]]  # ids with a vector of that modality when the run started
-    added: dict[str, dict[int, np.ndarray]] = field(default_factory=lambda: {m: {} for m in MODALITIES})
+    added: dict[str, set[int]] = field(default_factory=lambda: {m: set() for m in MODALITIES})
     removed: dict[str, set[int]] = field(default_factory=lambda: {m: set() for m in MODALITIES})
 
-    def replace(self, item_id: int, modality: str, vector: np.ndarray | None) -> None:
-        """The item's vector of `modality` is now `vector` (None: it has none any more)."""
-        if self.added[modality].pop(item_id, None) is None and item_id in self.stored[modality]:
+    def replace(self, item_id: int, modality: str, present: bool) -> None:
+        """The item's vector of `modality` was written anew (present) or deleted (not present)."""
+        if item_id in self.added[modality]:
+            self.added[modality].discard(item_id)  # added earlier in this run: not in the published file
+        elif item_id in self.stored[modality]:
             self.removed[modality].add(item_id)  # the published file holds the old one
-        if vector is not None:
-            self.added[modality][item_id] = vector
+        if present:
+            self.added[modality].add(item_id)
 
     def delete(self, item_ids) -> None:
         for item_id in item_ids:
             for modality in MODALITIES:
-                self.replace(item_id, modality, None)
+                self.replace(item_id, modality, False)
 
 
 class Collection:
@@ -237,12 +240,13 @@ class Collection:
     def update_published(self, changes: VectorChanges, since: int, index_type: str = "auto",
                          max_memory: int = DEFAULT_MAX_MEMORY) -> list[str]:
         """Bring the FAISS files published at store generation `since` up to the store by applying
-        `changes` (removals, then additions), so save_faiss publishes them instead of rebuilding every
-        index from the store: at 1M items an hnsw rebuild takes minutes, an update seconds.
+        `changes` (removals, then the new vectors read from the store), so save_faiss publishes them
+        instead of rebuilding every index from all stored vectors (at 1M items an hnsw build takes
+        minutes).
 
         Returns the modalities updated. The others are left to save_faiss's rebuild: files of another
-        generation or type, a removal from hnsw (it has none), an ANN index grown too much since it was
-        built (UPDATE_MAX_GROWTH), or any FAISS error."""
+        generation or type, a removal from hnsw (it has none), an hnsw / ivfpq index that would take
+        new vectors for more than UPDATE_MAX_GROWTH of what it held, or any FAISS error."""
         state = self.faiss_state()
         if state.get("generation") != since:
             return []
@@ -250,26 +254,14 @@ class Collection:
         wanted = index_type if index_type != "auto" else choose_index_type(counts["items"], self.dim, max_memory)
         generation, updated = self.store.generation(), []
         for modality in MODALITIES:
-            index = self._updatable(modality, state, wanted, changes)
-            if index is None:
-                continue
-            added = changes.added[modality]
-            try:
-                index.remove(np.fromiter(changes.removed[modality], dtype=np.int64))
-                index.add(np.fromiter(added, dtype=np.int64, count=len(added)),
-                          np.stack(list(added.values())) if added else np.zeros((0, self.dim), np.float32))
-            except RuntimeError as exc:
-                log.info("cannot update the %s index in place (%s): rebuilding it", modality, exc)
-                continue
-            if index.ntotal != counts[_COUNT_KEY[modality]]:
-                log.warning("the updated %s index holds %d vectors, the store %d: rebuilding it", modality,
-                            index.ntotal, counts[_COUNT_KEY[modality]])
-                continue
-            self.adopt(modality, index, generation)
-            updated.append(modality)
+            index = self._updatable(modality, state, wanted, changes, counts[_COUNT_KEY[modality]])
+            if index is not None and self._apply(index, modality, changes, counts[_COUNT_KEY[modality]]):
+                self.adopt(modality, index, generation)
+                updated.append(modality)
         return updated
 
-    def _updatable(self, modality: str, state: dict, wanted: str, changes: VectorChanges) -> VectorIndex | None:
+    def _updatable(self, modality: str, state: dict, wanted: str, changes: VectorChanges,
+                   count: int) -> VectorIndex | None:
         """The published index of `modality`, loaded into memory (a memory-mapped one cannot grow), if
         applying `changes` to it gives what a rebuild would; else None."""
         params = _params(state.get("params", {}).get(modality), self.manifest.index)
@@ -278,15 +270,32 @@ class Collection:
             return None
         if changes.removed[modality] and params.index_type == "hnsw":
             return None
+        held = count - len(changes.added[modality]) + len(changes.removed[modality])  # before this run
+        if params.index_type != "flat" and len(changes.added[modality]) > UPDATE_MAX_GROWTH * held:
+            return None  # tuned (and for ivfpq trained) on what it held: rebuild and tune again
         try:
-            index = VectorIndex.load(self.dir / filename, params, mmap=False)
+            return VectorIndex.load(self.dir / filename, params, mmap=False)
         except (RuntimeError, OSError) as exc:
             log.info("cannot load %s for an update: %s", filename, exc)
             return None
-        grown = len(changes.added[modality]) - len(changes.removed[modality])
-        if params.index_type != "flat" and grown > UPDATE_MAX_GROWTH * index.ntotal:
-            return None
-        return index
+
+    def _apply(self, index: VectorIndex, modality: str, changes: VectorChanges, count: int) -> bool:
+        """Remove, then add the changed vectors; False (rebuild it) when FAISS or the store disagrees."""
+        ids = np.array(sorted(changes.added[modality]), dtype=np.int64)
+        stored = self.store.vectors(ids.tolist(), modality, self.dim)
+        if len(stored) != len(ids):
+            return False  # cannot happen under the write lock; a rebuild is right whatever happened
+        try:
+            index.remove(np.array(sorted(changes.removed[modality]), dtype=np.int64))
+            index.add(ids, np.stack([stored[i] for i in ids.tolist()]) if len(ids) else np.zeros((0, self.dim)))
+        except RuntimeError as exc:
+            log.info("cannot update the %s index in place (%s): rebuilding it", modality, exc)
+            return False
+        if index.ntotal != count:
+            log.warning("the updated %s index holds %d vectors, the store %d: rebuilding it", modality,
+                        index.ntotal, count)
+            return False
+        return True
 
     def repair(self) -> bool:
         """Writer only: delete leftovers of killed writers and republish stale FAISS files (step 4).

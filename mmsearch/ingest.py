@@ -272,7 +272,7 @@ def _commit(collection, records: list[ItemRecord], batch: list[_Work], report: I
     ids = collection.store.write_batch(records)
     for record in records:  # only once committed: a failed batch changed nothing
         for modality, vector in record.vectors.items():
-            changes.replace(ids[record.key], modality, vector)
+            changes.replace(ids[record.key], modality, vector is not None)
     for w in batch:
         if w.is_new:
             report.added += 1
