@@ -19,7 +19,20 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from sqlalchemy import JSON, ForeignKey, String, bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import (
+    JSON,
+    ForeignKey,
+    String,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -165,13 +178,11 @@ class Store:
 
     # -- reads --------------------------------------------------------------------------------
     def fingerprints(self) -> dict[str, tuple[int, str | None, str | None, frozenset[str]]]:
-        """key -> (id, image_hash, caption_hash, modalities with a vector) for incremental ingest."""
-        with Session(self.engine) as session:
-            modalities: dict[int, set[str]] = {}
-            for item_id, modality in session.execute(select(Vector.item_id, Vector.modality)):
-                modalities.setdefault(item_id, set()).add(modality)
-            rows = session.execute(select(Item.id, Item.key, Item.image_hash, Item.caption_hash))
-            return {key: (i, ih, ch, frozenset(modalities.get(i, ()))) for i, key, ih, ch in rows}
+        """key -> (id, image_hash, caption_hash, modalities with a vector) for incremental ingest.
+
+        One statement on the driver (each run reads every row: at 1M items 10.6 s through the ORM)."""
+        return {key: (item_id, image_hash, caption_hash, _HELD[has_image, has_text])
+                for item_id, key, image_hash, caption_hash, has_image, has_text in self._read(_FINGERPRINTS, {})}
 
     def items(self, ids: Sequence[int]) -> dict[int, ItemRow]:
         """id -> the item's row (what a hit shows) for the ids that exist."""
@@ -333,14 +344,15 @@ class _Compiled:
 
     sql: str
     names: tuple[str, ...]
+    defaults: dict  # the values bound in the statement itself
 
     @classmethod
     def of(cls, statement) -> _Compiled:
         compiled = statement.compile(dialect=sqlite_dialect.dialect())
-        return cls(str(compiled), tuple(compiled.positiontup))
+        return cls(str(compiled), tuple(compiled.positiontup), dict(compiled.params))
 
     def args(self, params: dict) -> tuple:
-        return tuple(params[name] for name in self.names)
+        return tuple(params[name] if name in params else self.defaults[name] for name in self.names)
 
 
 def _id_list(ids: Iterable[int]) -> str:
@@ -359,6 +371,15 @@ _ITEMS_BY_ID = _Compiled.of(select(_ITEMS).where(_ITEMS.c.id.in_(_ID_SET)))
 assert ItemRow._fields == tuple(_ITEMS.c.keys()), "ItemRow must follow the items table's columns"
 _VECTORS_BY_ID = _Compiled.of(select(_VECTORS.c.item_id, _VECTORS.c.data).where(
     _VECTORS.c.modality == bindparam("modality"), _VECTORS.c.item_id.in_(_ID_SET)))
+
+
+def _has_vector(modality: str):
+    return exists().where(_VECTORS.c.item_id == _ITEMS.c.id, _VECTORS.c.modality == bindparam(modality, modality))
+
+
+_FINGERPRINTS = _Compiled.of(select(_ITEMS.c.id, _ITEMS.c.key, _ITEMS.c.image_hash, _ITEMS.c.caption_hash,
+                                    _has_vector("image"), _has_vector("text")))
+_HELD = {(i, t): frozenset(m for m, has in (("image", i), ("text", t)) if has) for i in (0, 1) for t in (0, 1)}
 _IDS_BY_KEY = select(_ITEMS.c.key, _ITEMS.c.id).where(_ITEMS.c.key.in_(bindparam("keys", expanding=True)))
 _DELETE_VECTORS = delete(_VECTORS).where(_VECTORS.c.modality == bindparam("modality"),
                                          _VECTORS.c.item_id.in_(bindparam("ids", expanding=True)))
