@@ -43,16 +43,17 @@ def timed_ingest(folder: Path, index_dir: Path, encoder, update: bool) -> tuple[
     from mmsearch import collection as collection_module
     from mmsearch.ingest import IngestOptions, ingest
 
-    saved = collection_module.Collection.update_published, collection_module._fresh_file
+    cls = collection_module.Collection
+    saved = cls.update_published, cls._fresh_file
     if not update:
-        collection_module.Collection.update_published = lambda self, *a, **k: []
-        collection_module._fresh_file = lambda *a, **k: None
+        cls.update_published = lambda self, *a, **k: []
+        cls._fresh_file = lambda self, *a, **k: None
     try:
         t0 = time.perf_counter()
         report = ingest(folder, index_dir, IngestOptions(delete=False, batch_size=32), encoder=encoder)
         return time.perf_counter() - t0, report.index_updated
     finally:
-        collection_module.Collection.update_published, collection_module._fresh_file = saved
+        cls.update_published, cls._fresh_file = saved
 
 
 def recall_at_10(index_dir: Path, vectors: np.ndarray, n_queries: int = 200) -> float:

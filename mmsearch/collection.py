@@ -345,7 +345,7 @@ class Collection:
             index = self._indexes.get(modality)
             current = self._index_generation.get(modality) == generation
             if index is None or not current or index.params.index_type != wanted:
-                if kept := _fresh_file(state, modality, generation, wanted, self.dir):
+                if kept := self._fresh_file(state, modality, generation, wanted):
                     files[modality] = kept  # published at this generation already: nothing to write
                     params[modality] = dict(state["params"][modality], requested=index_type)
                     continue
@@ -357,6 +357,16 @@ class Collection:
             index.params.requested = index_type
             params[modality] = asdict(index.params)
         return files, params
+
+    def _fresh_file(self, state: dict, modality: str, generation: int, wanted: str) -> str | None:
+        """The published file of `modality` if it already reflects `generation` with the wanted type
+        (after a run that wrote nothing) and still loads with the store's count: republishing it as it
+        is avoids a rebuild from the store. (A memory-mapped load reads the structure, not the vectors.)"""
+        filename = state.get("files", {}).get(modality)
+        stored = state.get("params", {}).get(modality) or {}
+        if state.get("generation") != generation or not filename or stored.get("index_type") != wanted:
+            return None
+        return filename if self._try_load(filename, modality, state, check_count=True) is not None else None
 
     def _sweep(self) -> None:
         """Delete temp files and FAISS files that faiss.json does not name (left by killed writers)."""
@@ -377,16 +387,6 @@ class Collection:
 
 
 _COUNT_KEY = {"image": "images", "text": "captions"}
-
-
-def _fresh_file(state: dict, modality: str, generation: int, wanted: str, index_dir: Path) -> str | None:
-    """The published file of `modality` if it already reflects `generation` with the wanted type (after
-    a run that wrote nothing): republishing it as it is avoids a rebuild from the store."""
-    filename = state.get("files", {}).get(modality)
-    stored = state.get("params", {}).get(modality) or {}
-    if state.get("generation") != generation or not filename or stored.get("index_type") != wanted:
-        return None
-    return filename if (index_dir / filename).is_file() else None
 
 
 def _write_holder(fh, index_dir: Path) -> None:

@@ -32,6 +32,15 @@ def published_equals_store(index) -> None:
         collection.close()
 
 
+def params_of(index, modality="image"):
+    """(the loaded index's IndexParams, the manifest's)."""
+    collection = Collection.open(index)
+    try:
+        return collection.vector_index(modality).params, collection.manifest.index
+    finally:
+        collection.close()
+
+
 def add_rows(csv, rows: list[str]) -> None:
     csv.write_text(csv.read_text() + "".join(row + "\n" for row in rows))
 
@@ -91,18 +100,10 @@ def test_a_later_run_keeps_the_type_the_index_was_built_with(tmp_path, catalog_d
     run(csv, index, tiny_encoder, "hnsw")
     add_rows(csv, ["hat-teal,images/boot-blue.jpg,a teal hat,Hats,12,teal"])
     assert run(csv, index, tiny_encoder).index_updated == ["image", "text"]
-    collection = Collection.open(index)
-    try:
-        assert collection.vector_index("image").params.index_type == "hnsw"
-        assert collection.manifest.index.requested == "hnsw"
-    finally:
-        collection.close()
+    loaded, manifest = params_of(index)
+    assert loaded.index_type == "hnsw" and manifest.requested == "hnsw"
     run(csv, index, tiny_encoder, "auto")  # nothing to encode, but auto asked for: rebuilt as flat
-    collection = Collection.open(index)
-    try:
-        assert collection.vector_index("image").params.index_type == "flat"
-    finally:
-        collection.close()
+    assert params_of(index)[0].index_type == "flat"
     published_equals_store(index)
 
 
@@ -114,11 +115,7 @@ def test_an_ann_index_grown_past_the_limit_is_rebuilt_and_tuned_again(tmp_path, 
     report = run(csv, index, tiny_encoder, "hnsw")
     assert report.added == grow and report.index_updated == ["image"]  # captions grew past the limit
     published_equals_store(index)
-    collection = Collection.open(index)
-    try:
-        assert collection.vector_index("text").params.measured_recall_at_10 is not None  # tuned at the new size
-    finally:
-        collection.close()
+    assert params_of(index, "text")[0].measured_recall_at_10 is not None  # tuned at the new size
 
 
 def test_a_changed_index_type_is_rebuilt_not_updated(tmp_path, catalog_dir, tiny_encoder):
@@ -126,11 +123,7 @@ def test_a_changed_index_type_is_rebuilt_not_updated(tmp_path, catalog_dir, tiny
     run(csv, index, tiny_encoder, "flat")
     add_rows(csv, ["boot-red-2,images/boot-red.jpg,a second red boot,Shoes,70,red"])
     assert run(csv, index, tiny_encoder, "hnsw").index_updated == []
-    collection = Collection.open(index)
-    try:
-        assert collection.vector_index("image").params.index_type == "hnsw"
-    finally:
-        collection.close()
+    assert params_of(index)[0].index_type == "hnsw"
     published_equals_store(index)
 
 
@@ -145,3 +138,19 @@ def test_a_missing_published_file_is_rebuilt_from_the_store(tmp_path, catalog_di
     report = run(csv, index, tiny_encoder)
     assert "image" not in report.index_updated
     published_equals_store(index)
+
+
+def test_a_run_that_writes_nothing_rebuilds_a_damaged_published_file(tmp_path, catalog_dir, tiny_encoder):
+    csv, index = catalog_dir / "catalog.csv", tmp_path / "idx"
+    run(csv, index, tiny_encoder)
+    collection = Collection.open(index)
+    image_file = index / collection.faiss_state()["files"]["image"]
+    collection.close()
+    image_file.write_bytes(b"\0garbage" * 100)
+    assert run(csv, index, tiny_encoder).unchanged == 9
+    published_equals_store(index)  # loads the file itself: a reader's rebuild in memory would not do
+    collection = Collection.open(index)
+    try:
+        assert collection._try_load(image_file.name, "image", collection.faiss_state(), True) is not None
+    finally:
+        collection.close()
