@@ -123,6 +123,8 @@ def index_cmd(catalog, index_name, model, pretrained, batch_size, workers, delet
         return
     click.echo(f"added {report.added}, updated {report.updated}, removed {report.removed}, "
                f"unchanged {report.unchanged}, failed {len(report.failed)}")
+    if report.index_updated:
+        click.echo(f"FAISS files updated in place, not rebuilt: {', '.join(report.index_updated)}")
     for err in report.failed:
         click.echo(f"  skipped {err.item}: {err.reason}", err=True)
 

@@ -130,12 +130,23 @@ def test_incremental_reindex(index, catalog_dir):
 
     report = json.loads(run("index", csv, "--index", path, "-q", "--format", "json").stdout)
     assert (report["added"], report["updated"], report["removed"], report["unchanged"]) == (1, 2, 1, 6)
+    assert report["index_updated_in_place"] == ["image", "text"]  # flat: removals and additions in place
     for modality in ("image", "text"):
         assert faiss_ids(path, modality) == sqlite_ids(path, modality)
     out = json.loads(run("search", "--image", catalog_dir / "images/boot-blue.jpg", "--index", path, "-k", "2",
                          "--format", "json").stdout)
     assert {r["id"] for r in out["results"]} == {"boot-red", "boot-blue"}
     assert all(r["score"] == pytest.approx(1.0, abs=1e-4) for r in out["results"])
+
+
+def test_index_says_when_it_updated_the_faiss_files_in_place(index, catalog_dir):
+    path, _ = index
+    csv = catalog_dir / "catalog.csv"
+    csv.write_text(csv.read_text() + "sock-2,,a pair of cotton socks,Socks,4,white\n")
+    lines = run("index", csv, "--index", path, "-q").stdout.splitlines()
+    assert lines[0] == "added 1, updated 0, removed 0, unchanged 9, failed 2"
+    assert lines[1] == "FAISS files updated in place, not rebuilt: image, text"
+    assert len(run("index", csv, "--index", path, "-q").stdout.splitlines()) == 1  # nothing written
 
 
 def test_no_delete_keeps_items(index, catalog_dir):
