@@ -2,6 +2,7 @@
 gives (added vectors; removals from flat / ivfpq), and a run that writes nothing republishes them as
 they are. Everything else is rebuilt from the store, as before."""
 
+import faiss
 import pytest
 
 from mmsearch.collection import UPDATE_MAX_GROWTH, Collection
@@ -152,5 +153,28 @@ def test_a_run_that_writes_nothing_rebuilds_a_damaged_published_file(tmp_path, c
     collection = Collection.open(index)
     try:
         assert collection._try_load(image_file.name, "image", collection.faiss_state(), True) is not None
+    finally:
+        collection.close()
+
+
+def test_ivfpq_drops_changed_and_removed_vectors_in_place(tmp_path, tiny_encoder):
+    """300 captions (PQ trains 256 centroids); one caption changed and one row dropped: removed in place."""
+    csv, index = tmp_path / "catalog.csv", tmp_path / "idx"
+    csv.write_text("id,caption\n" + "".join(f"p{i},a {('red', 'blue', 'green')[i % 3]} product {i}\n"
+                                            for i in range(300)))
+    run(csv, index, tiny_encoder, "ivfpq")
+    edit_row(csv, "p7", "product 7", "shirt seven")
+    drop_row(csv, "p8")
+    report = run(csv, index, tiny_encoder)
+    assert (report.updated, report.removed, report.index_updated) == (1, 1, ["text"])  # no image index to keep
+    collection = Collection.open(index)
+    try:
+        published = collection.vector_index("text")
+        assert published.params.index_type == "ivfpq"
+        ivf = faiss.extract_index_ivf(published.index)
+        ivf.nprobe = ivf.nlist  # every list: the whole content
+        ids, vectors = collection.all_vectors("text")
+        _, found = published.search(vectors[:1], published.ntotal)
+        assert published.ntotal == len(ids) == 299 and sorted(found[0].tolist()) == sorted(ids.tolist())
     finally:
         collection.close()
