@@ -6,7 +6,9 @@ Commit protocol (crash safety; tests/crash_harness.py kills real runs at every s
 1. every ingest batch is one SQLite transaction (rows + vectors) that bumps the store generation;
 2. FAISS files are written under new names (temp file, fsync, rename), then `faiss.json` is
    atomically replaced to point at them with the generation they reflect, then the manifest, then
-   old files go;
+   old files go. A writer makes them from the files published at the generation it started from plus
+   the vectors it committed (update_published), where that gives what a rebuild gives, else from the
+   store; after a run that wrote nothing, the published files stay as they are;
 3. on open, FAISS files whose generation differs from the store's are stale: a reader uses them
    while a writer holds the lock (it sees the last finished snapshot; rows come from SQLite), and
    otherwise (a killed run) the indexes are rebuilt in memory from the stored vectors - never
