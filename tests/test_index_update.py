@@ -42,6 +42,15 @@ def params_of(index, modality="image"):
         collection.close()
 
 
+def damage_published(index, modality: str, garbage: bytes):
+    """Overwrite the published file of `modality` after publishing; returns its path."""
+    collection = Collection.open(index)
+    path = index / collection.faiss_state()["files"][modality]
+    collection.close()
+    path.write_bytes(garbage)
+    return path
+
+
 def add_rows(csv, rows: list[str]) -> None:
     csv.write_text(csv.read_text() + "".join(row + "\n" for row in rows))
 
@@ -128,13 +137,10 @@ def test_a_changed_index_type_is_rebuilt_not_updated(tmp_path, catalog_dir, tiny
     published_equals_store(index)
 
 
-def test_a_missing_published_file_is_rebuilt_from_the_store(tmp_path, catalog_dir, tiny_encoder):
+def test_a_damaged_published_file_is_rebuilt_from_the_store(tmp_path, catalog_dir, tiny_encoder):
     csv, index = catalog_dir / "catalog.csv", tmp_path / "idx"
     run(csv, index, tiny_encoder)
-    collection = Collection.open(index)
-    image_file = index / collection.faiss_state()["files"]["image"]
-    collection.close()
-    image_file.write_bytes(b"not a faiss file")  # damaged after publishing: the update must not use it
+    damage_published(index, "image", b"not a faiss file")  # the update must not use it
     add_rows(csv, ["boot-red-2,images/boot-red.jpg,a second red boot,Shoes,70,red"])
     report = run(csv, index, tiny_encoder)
     assert "image" not in report.index_updated
@@ -144,10 +150,7 @@ def test_a_missing_published_file_is_rebuilt_from_the_store(tmp_path, catalog_di
 def test_a_run_that_writes_nothing_rebuilds_a_damaged_published_file(tmp_path, catalog_dir, tiny_encoder):
     csv, index = catalog_dir / "catalog.csv", tmp_path / "idx"
     run(csv, index, tiny_encoder)
-    collection = Collection.open(index)
-    image_file = index / collection.faiss_state()["files"]["image"]
-    collection.close()
-    image_file.write_bytes(b"\0garbage" * 100)
+    image_file = damage_published(index, "image", b"\0garbage" * 100)
     assert run(csv, index, tiny_encoder).unchanged == 9
     published_equals_store(index)  # loads the file itself: a reader's rebuild in memory would not do
     collection = Collection.open(index)
