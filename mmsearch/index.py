@@ -31,6 +31,8 @@ FLAT_MAX_ITEMS = 50_000  # exact search stays within tens of ms below this (512-
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 IVF_HNSW_MIN_ITEMS = 1_000_000  # from here the IVF coarse quantizer is itself an HNSW graph
+LOCALITY_BRANCHING = 64  # k-means children per node of the layout tree (see locality_order)
+LOCALITY_LEAF = 256  # groups this small stay in their order: 512 KB of 512-d vectors, a few pages each
 RECALL_TARGET = 0.95
 RERANK_DEPTH = 256  # candidates re-scored exactly by the query engine (FusionConfig.candidates)
 TUNE_QUERIES = 500
@@ -96,7 +98,8 @@ class VectorIndex:
 
     @classmethod
     def build(cls, dim: int, ids: np.ndarray, vectors: np.ndarray, index_type: str = "auto",
-              max_memory: int = DEFAULT_MAX_MEMORY) -> VectorIndex:
+              max_memory: int = DEFAULT_MAX_MEMORY, locality: bool = True) -> VectorIndex:
+        """locality: lay an hnsw index's vectors out by neighbourhood (lay_out_by_locality)."""
         kind = choose_index_type(len(ids), dim, max_memory) if index_type == "auto" else index_type
         if kind not in INDEX_TYPES[1:]:
             raise ValueError(f"unknown index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
@@ -105,6 +108,8 @@ class VectorIndex:
             _train(index, vectors)
         built = cls(index, IndexParams(index_type=kind, requested=index_type))
         built.add(ids, vectors)
+        if kind == "hnsw" and locality:
+            built.lay_out_by_locality(vectors)
         if kind != "flat" and len(ids):
             built.tune(np.asarray(ids, dtype=np.int64), vectors)
         return built
@@ -113,6 +118,23 @@ class VectorIndex:
         if len(ids):
             self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
                                     np.ascontiguousarray(ids, dtype=np.int64))
+
+    def lay_out_by_locality(self, vectors: np.ndarray) -> None:
+        """Reorder a freshly built hnsw index in memory so that near vectors sit near each other.
+
+        An HNSW search reads ~1,600 scattered 2 KB vectors at 1M items (efSearch 256), and right after
+        the text encoder has run none of them is cached: in insertion order each read is a cache and
+        TLB miss of its own. Grouped by locality_order, a search's reads fall in a few regions (1.2 ->
+        0.8 ms per query at 1M after an encoder run, 0.42 -> 0.28 ms in a batch). The graph, and so
+        every result, stays the same: only positions change, and the id map follows them. `vectors`
+        are the ones added, in the order added, to this index when it was empty."""
+        inner = faiss.downcast_index(self.index.index)
+        if len(vectors) != self.ntotal or not hasattr(inner, "permute_entries") or self.ntotal <= LOCALITY_LEAF:
+            return
+        order = locality_order(vectors)
+        ids = faiss.vector_to_array(self.index.id_map)
+        inner.permute_entries(order)
+        faiss.copy_array_to_vector(ids[order], self.index.id_map)
 
     def remove(self, ids: np.ndarray) -> None:
         """Flat and IVF support removal; HNSW does not (the caller rebuilds from the store)."""
@@ -221,6 +243,42 @@ def _train(index: faiss.Index, vectors: np.ndarray) -> None:
     if pq is not None:
         pq.cp.max_points_per_centroid = 256
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+
+def locality_order(vectors: np.ndarray, branching: int = LOCALITY_BRANCHING, leaf: int = LOCALITY_LEAF,
+                   seed: int = 1) -> np.ndarray:
+    """A permutation of range(len(vectors)) that puts near vectors next to each other.
+
+    Recursive spherical k-means: split into `branching` clusters, each cluster in turn, down to groups
+    of <= `leaf`; the order is the tree's leaves left to right. Each split trains on a sample and
+    assigns its members in blocks, so no copy of all the vectors is made. 13 s at 1M x 512-d on two
+    cores (a flat 4,096-means took 38 s for slower searches)."""
+    out: list[np.ndarray] = []
+    stack = [np.arange(len(vectors), dtype=np.int64)]
+    while stack:
+        members = stack.pop()
+        k = min(branching, len(members) // 39)  # FAISS's k-means wants >= 39 points per centroid
+        if len(members) <= leaf or k < 2:
+            out.append(members)
+            continue
+        assign = _cluster(vectors, members, k, seed)
+        grouped = np.argsort(assign, kind="stable")
+        bounds = np.searchsorted(assign[grouped], np.arange(k + 1))
+        stack.extend(members[grouped[bounds[c] : bounds[c + 1]]] for c in reversed(range(k)))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _cluster(vectors: np.ndarray, members: np.ndarray, k: int, seed: int, block: int = 100_000) -> np.ndarray:
+    """The nearest of k spherical k-means centroids (trained on <= 64 k members) for each member."""
+    rng = np.random.default_rng([seed, len(members)])
+    sample = members if len(members) <= 64 * k else np.sort(rng.choice(members, 64 * k, replace=False))
+    kmeans = faiss.Kmeans(vectors.shape[1], k, niter=6, spherical=True, seed=seed, max_points_per_centroid=64)
+    kmeans.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
+    assign = np.empty(len(members), dtype=np.int64)
+    for start in range(0, len(members), block):
+        part = np.ascontiguousarray(vectors[members[start : start + block]], dtype=np.float32)
+        assign[start : start + block] = kmeans.index.search(part, 1)[1][:, 0]
+    return assign
 
 
 def tuning_queries(vectors: np.ndarray, n: int, cosine: float = 0.8, seed: int = 0) -> np.ndarray:
