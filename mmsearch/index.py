@@ -34,8 +34,9 @@ IVF_HNSW_MIN_ITEMS = 1_000_000  # from here the IVF coarse quantizer is itself a
 LOCALITY_BRANCHING = 64  # k-means children per node of the layout tree (see locality_order)
 LOCALITY_LEAF = 256  # groups this small stay in their order: 512 KB of 512-d vectors, a few pages each
 RECALL_TARGET = 0.95
+RECALL_MARGIN_SE = 2.0  # the knob's recall must clear the target by this many standard errors
 RERANK_DEPTH = 256  # candidates re-scored exactly by the query engine (FusionConfig.candidates)
-TUNE_QUERIES = 500
+TUNE_QUERIES = 2000
 TUNE_VALUES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 DEFAULT_MAX_MEMORY = 4 * 1024**3
 
@@ -178,24 +179,29 @@ class VectorIndex:
 
         Queries are stored vectors moved off themselves (cosine ~0.8 to their source), so they are
         not in the index, like real queries. HNSW: recall of its own top-10. IVF-PQ: recall of the
-        search path, the exact top-10 among the RERANK_DEPTH PQ candidates re-scored exactly."""
+        search path, the exact top-10 among the RERANK_DEPTH PQ candidates re-scored exactly.
+        The target is met when the sample's recall less RECALL_MARGIN_SE standard errors reaches it:
+        with 500 queries and the bare mean, the knob picked at 1M gave 0.953 on its own sample and
+        0.935-0.946 on others (a per-query recall varies, so a sample's mean does by ~0.009)."""
         queries = tuning_queries(vectors, n_queries)
         truth = ids[_exact_top_k(vectors, queries, k)]
         knob = "ef_search" if self.params.index_type == "hnsw" else "nprobe"
         depth = k if self.params.index_type == "hnsw" else min(RERANK_DEPTH, self.ntotal)
-        recall, value = 0.0, None
+        recall = bound = 0.0
+        value = None
         for value in TUNE_VALUES:
             setattr(self.params, knob, value)
             self._apply_search_params()
             _, found = self.search(queries, depth)
-            recall = _recall(found, truth)
-            if recall >= RECALL_TARGET:
+            recall, bound = _recall_bound(_per_query_recall(found, truth))
+            if bound >= RECALL_TARGET:
                 break
-        if recall < RECALL_TARGET:
-            log.warning("%s: recall@10 %.3f below %.2f even at %s=%s", self.params.index_type, recall,
-                        RECALL_TARGET, knob, value)
+        if bound < RECALL_TARGET:
+            log.warning("%s: recall@10 %.3f (lower bound %.3f) below %.2f even at %s=%s",
+                        self.params.index_type, recall, bound, RECALL_TARGET, knob, value)
         self.params.measured_recall_at_10 = round(float(recall), 4)
-        log.info("%s tuned: %s=%s recall@10=%.3f (depth %d)", self.params.index_type, knob, value, recall, depth)
+        log.info("%s tuned: %s=%s recall@10=%.3f, lower bound %.3f (%d queries, depth %d)",
+                 self.params.index_type, knob, value, recall, bound, len(queries), depth)
         return recall
 
     def save(self, path: Path) -> None:
@@ -311,6 +317,18 @@ def _merge_top_k(s1, i1, s2, i2, k):
     i = np.concatenate([i1, i2], axis=1)
     order = np.argsort(-s, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+
+def _per_query_recall(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each query's fraction of its exact ids (k) found among its ANN ids (depth >= k)."""
+    return np.array([len(set(f[f >= 0]) & set(t)) / len(t) for f, t in zip(found, truth)])
+
+
+def _recall_bound(per_query: np.ndarray) -> tuple[float, float]:
+    """(mean recall, mean less RECALL_MARGIN_SE standard errors of that mean)."""
+    mean = float(per_query.mean())
+    se = float(per_query.std(ddof=1)) / math.sqrt(len(per_query)) if len(per_query) > 1 else 0.0
+    return mean, mean - RECALL_MARGIN_SE * se
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:

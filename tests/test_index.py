@@ -149,6 +149,35 @@ def test_build_lays_hnsw_out_by_default(data):
     assert not np.array_equal(positions, ids) and sorted(positions.tolist()) == sorted(ids.tolist())
 
 
+def test_recall_bound_is_mean_less_two_standard_errors():
+    from mmsearch.index import _recall_bound
+
+    per_query = np.array([1.0] * 95 + [0.0] * 5)
+    mean, bound = _recall_bound(per_query)
+    assert mean == pytest.approx(0.95)
+    assert bound == pytest.approx(0.95 - 2 * per_query.std(ddof=1) / 10)
+    assert _recall_bound(np.ones(50)) == (1.0, 1.0)
+
+
+def test_tuner_needs_the_bound_not_the_mean_to_reach_the_target(monkeypatch, data):
+    import mmsearch.index as index_module
+    from mmsearch.index import TUNE_QUERIES, TUNE_VALUES, _per_query_recall, _recall_bound
+
+    ids, x = data
+    index = VectorIndex.build(DIM, ids, x, "hnsw")
+    index.params.ef_search = TUNE_VALUES[0]
+    index._apply_search_params()
+    queries = tuning_queries(x, TUNE_QUERIES)  # the tuner's own sample
+    mean, bound = _recall_bound(_per_query_recall(index.search(queries, 10)[1], ids[_exact_top_k(x, queries, 10)]))
+    assert bound < mean < 1.0
+    monkeypatch.setattr(index_module, "RECALL_TARGET", (mean + bound) / 2)  # met by the mean, not the bound
+    index.tune(ids, x)
+    assert index.params.ef_search > TUNE_VALUES[0]
+    monkeypatch.setattr(index_module, "RECALL_MARGIN_SE", 0.0)
+    index.tune(ids, x)
+    assert index.params.ef_search == TUNE_VALUES[0] and index.params.measured_recall_at_10 == round(mean, 4)
+
+
 def test_exact_top_k_blocks_match_single_pass():
     x = clustered(500, dim=16)
     q = tuning_queries(x, 30)
