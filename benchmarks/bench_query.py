@@ -168,21 +168,29 @@ def warm_query(index_dir: Path, repeat: int) -> dict:
         # the bare baseline is the text encoder the search itself runs (the ONNX export, trimmed to the
         # query's tokens); torch's encoder (loaded here all the same) is timed beside it for reference
         query_encoder = searcher.text_encoder
-        bare, full, torch_bare = [], [], []
-        for i in range(repeat):  # interleaved, so load changes hit all alike
+        times: dict[str, list[float]] = {"bare": [], "full": [], "torch": []}
+
+        def timed(name, call, *args):
+            t0 = time.perf_counter()
+            out = call(*args)
+            times[name].append(time.perf_counter() - t0)
+            return out
+
+        # bare and whole query interleaved, so load changes hit both alike, in alternating order, so
+        # each follows the other as often (whatever ran just before leaves the caches and the cores
+        # in its state: right after torch's encoder, ONNX's took ~3 ms longer)
+        for i in range(repeat):
             text = texts[i % len(texts)]
-            t0 = time.perf_counter()
-            query_encoder.encode_texts([text])
-            bare.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            result = searcher.search(build_query(texts=[text]))
-            full.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            encoder.encode_texts([text])
-            torch_bare.append(time.perf_counter() - t0)
+            if i % 2:
+                result = timed("full", searcher.search, build_query(texts=[text]))
+            timed("bare", query_encoder.encode_texts, [text])
+            if not i % 2:
+                result = timed("full", searcher.search, build_query(texts=[text]))
+        for i in range(repeat):  # torch's encoder, for reference, on its own
+            timed("torch", encoder.encode_texts, [texts[i % len(texts)]])
         assert len(result.results) == 10
         kind = searcher.collection.vector_index("image").params.index_type
-    b, f, t = statistics.median(bare), statistics.median(full), statistics.median(torch_bare)
+    b, f, t = (statistics.median(times[name]) for name in ("bare", "full", "torch"))
     return {"index_type": kind, "text_encoder": type(query_encoder).__name__, "bare_text_encoder_ms": 1000 * b,
             "torch_text_encoder_ms": 1000 * t, "end_to_end_ms": 1000 * f, "ratio": f / b,
             "overhead_ms": 1000 * (f - b)}

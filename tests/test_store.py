@@ -63,3 +63,23 @@ def test_a_batch_larger_than_sqlite_variable_limit(store):
     again = store.write_batch([record(f"k{i}", image=vec(i + 1)) for i in range(n)])
     assert again == ids and store.counts()["images"] == n
     np.testing.assert_array_equal(store.vectors([ids["k7"]], "image", DIM)[ids["k7"]], vec(8))
+
+
+def test_reads_see_other_writers_commits_from_any_thread(tmp_path, store):
+    """Store._read keeps one sqlite3 connection open: each read must still see what was committed
+    since (by this store or another one on the same file), from whichever thread reads."""
+    import threading
+
+    first = store.write_batch([record("a", image=vec(1))])
+    assert set(store.items(list(first.values()))) == set(first.values())  # opens the read connection
+    other = Store(tmp_path / "items.sqlite")  # e.g. an ingest in another process
+    second = other.write_batch([record("b", caption="new", image=vec(2))])
+    other.close()
+    seen = {}
+    reader = threading.Thread(target=lambda: seen.update(store.items(list(second.values()))))
+    reader.start()
+    reader.join()
+    assert seen[second["b"]].caption == "new"
+    np.testing.assert_array_equal(store.vectors([second["b"]], "image", DIM)[second["b"]], vec(2))
+    store.close()  # closes the read connection; a later read opens another
+    assert store.items(list(first.values()))[first["a"]].key == "a"
