@@ -56,7 +56,7 @@ def timed_ingest(folder: Path, index_dir: Path, encoder, update: bool) -> tuple[
         cls.update_published, cls._fresh_file = saved
 
 
-def recall_at_10(index_dir: Path, vectors: np.ndarray, n_queries: int = 200) -> float:
+def recall_at_10(index_dir: Path, vectors: np.ndarray, n_queries: int = 1000) -> float:
     """The published image index's recall@10 against exact search over every stored vector."""
     from mmsearch.collection import Collection
     from mmsearch.index import _exact_top_k, _recall, tuning_queries

@@ -7,8 +7,10 @@ Layouts (bytes per 512-d vector): flat = IDMap(FlatIP), 2048 + 8; hnsw = IDMap(H
 (+ ~6 for the coarse centroids at 1M: 2.5 sqrt N rather than FAISS's usual 4 keeps the total under 80).
 No IDMap2: its reverse hash map costs ~40 bytes per vector and nothing here reconstructs by id.
 Search knobs (efSearch / nprobe) are tuned at build time on a sample of perturbed stored vectors
-against exact search; for ivfpq the recall recorded is the one of the search path, i.e. the true
-top-10 found among the RERANK_DEPTH PQ candidates that search.py re-scores exactly.
+against exact search, until the sample's recall@10 less two standard errors reaches the target; for
+ivfpq the recall recorded is the one of the search path, i.e. the true top-10 found among the
+RERANK_DEPTH PQ candidates that search.py re-scores exactly. A built hnsw index has its vectors laid
+out in memory by neighbourhood (locality_order), which makes a search's reads cheaper, not different.
 """
 
 from __future__ import annotations
