@@ -104,9 +104,7 @@ def test_locality_order_groups_neighbours(data):
     _, x = data  # 64 clusters in random order
     order = locality_order(x, branching=8, leaf=64)
     assert sorted(order.tolist()) == list(range(len(x)))
-    def adjacent_cosine(v):
-        return float(np.mean(np.sum(v[1:] * v[:-1], axis=1)))
-    assert adjacent_cosine(x[order]) > adjacent_cosine(x) + 0.3  # neighbours in memory are near in space
+    assert _adjacent_cosine(x[order]) > _adjacent_cosine(x) + 0.3  # neighbours in memory are near in space
     np.testing.assert_array_equal(locality_order(x, branching=8, leaf=64), order)  # deterministic
     assert len(locality_order(x[:10])) == 10  # below a leaf: kept as is
 
@@ -119,34 +117,47 @@ def _positions(index: VectorIndex) -> tuple[np.ndarray, np.ndarray]:
     return faiss.vector_to_array(index.index.id_map), inner.storage.reconstruct_n(0, index.ntotal)
 
 
-def test_hnsw_layout_moves_positions_not_results(tmp_path, data):
+def _adjacent_cosine(v: np.ndarray) -> float:
+    return float(np.mean(np.sum(v[1:] * v[:-1], axis=1)))
+
+
+def test_hnsw_build_lays_neighbours_out_together(data):
+    ids, x = data  # 64 clusters in random order
+    laid = VectorIndex.build(DIM, ids, x, "hnsw")
+    positions, stored = _positions(laid)
+    assert sorted(positions.tolist()) == sorted(ids.tolist())
+    by_id = dict(zip(ids.tolist(), x))
+    np.testing.assert_array_equal(stored, np.stack([by_id[i] for i in positions.tolist()]))  # ids follow
+    assert _adjacent_cosine(stored) > _adjacent_cosine(x) + 0.3
+    plain = VectorIndex.build(DIM, ids, x, "hnsw", locality=False)
+    np.testing.assert_array_equal(_positions(plain)[0], ids)
+    queries = tuning_queries(x, 200, seed=7)  # either layout finds the same neighbours
+    truth = ids[_exact_top_k(x, queries, 10)]
+    assert _recall(laid.search(queries, 10)[1], truth) >= RECALL_TARGET
+
+
+def test_permute_moves_positions_not_results(tmp_path, data):
     import faiss
 
     ids, x = data
-    plain = VectorIndex.build(DIM, ids, x, "hnsw", locality=False)
-    laid = VectorIndex(faiss.clone_index(plain.index), IndexParams(**vars(plain.params)))
-    laid.lay_out_by_locality(x)
-    before, after = _positions(plain), _positions(laid)
-    assert not np.array_equal(before[0], after[0])  # the layout changed...
+    built = VectorIndex.build(DIM, ids, x, "hnsw")
+    moved = VectorIndex(faiss.clone_index(built.index), IndexParams(**vars(built.params)))
+    moved.permute(np.random.default_rng(0).permutation(moved.ntotal))
+    before, after = _positions(built), _positions(moved)
+    assert not np.array_equal(before[0], after[0])
     by_id = dict(zip(ids.tolist(), x))
-    np.testing.assert_array_equal(after[1], np.stack([by_id[i] for i in after[0].tolist()]))  # ...ids follow
+    np.testing.assert_array_equal(after[1], np.stack([by_id[i] for i in after[0].tolist()]))
     queries = tuning_queries(x, 50, seed=5)
     for k in (10, 40):
-        got, want = laid.search(queries, k), plain.search(queries, k)
+        got, want = moved.search(queries, k), built.search(queries, k)
         np.testing.assert_array_equal(got[1], want[1])  # same graph: the same results
         np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-6)
-    laid.add(ids[:3] + 1, x[:3])  # in-place additions after the layout: appended, still found
-    top2 = laid.search(x[:3], 2)[1]
+    moved.add(ids[:3] + 1, x[:3])  # in-place additions afterwards: appended, found
+    top2 = moved.search(x[:3], 2)[1]
     assert all(new in row for new, row in zip((ids[:3] + 1).tolist(), top2.tolist()))
-    laid.save(tmp_path / "laid.faiss")
-    loaded = VectorIndex.load(tmp_path / "laid.faiss", IndexParams(**vars(laid.params)))
-    np.testing.assert_array_equal(loaded.search(queries, 10)[1], laid.search(queries, 10)[1])
-
-
-def test_build_lays_hnsw_out_by_default(data):
-    ids, x = data
-    positions = _positions(VectorIndex.build(DIM, ids, x, "hnsw"))[0]
-    assert not np.array_equal(positions, ids) and sorted(positions.tolist()) == sorted(ids.tolist())
+    moved.save(tmp_path / "moved.faiss")
+    loaded = VectorIndex.load(tmp_path / "moved.faiss", IndexParams(**vars(moved.params)))
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], moved.search(queries, 10)[1])
 
 
 def test_recall_bound_is_mean_less_two_standard_errors():
