@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivfpq")
 FLAT_MAX_ITEMS = 50_000  # exact search stays within tens of ms below this (512-d, one core)
 HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 160  # 80 needed efSearch 384-512 at 1M for the tuner's margin, 160 needs 128
+HNSW_EF_CONSTRUCTION = 160  # at 1M, 80 needed efSearch 384-512 for the tuner's margin, 160 needs 96-128
 IVF_HNSW_MIN_ITEMS = 1_000_000  # from here the IVF coarse quantizer is itself an HNSW graph
 LOCALITY_BRANCHING = 64  # k-means children per node of the layout tree (see locality_order)
 LOCALITY_LEAF = 256  # groups this small stay in their order: 512 KB of 512-d vectors, a few pages each
@@ -132,9 +132,10 @@ class VectorIndex:
         Why hnsw wants locality_order: a search reads ~1,600 scattered 2 KB vectors at 1M items
         (efSearch 256), and right after the text encoder has run none of them is cached, so in
         insertion order each read is a cache and TLB miss of its own. Neighbours next to each other
-        make a search's reads fall in a few regions: 1.93 -> 1.28 ms per query at 1M (efSearch 512,
-        the same graph), 1.2 -> 0.8 ms after an encoder run (efSearch 256). The build is faster too
-        (151 against 196 s at 1M, efConstruction 80), its inserts finding their neighbours cached.
+        make a search's reads fall in a few regions: at 1M, the same graph with its vectors shuffled
+        took 0.53 against 0.46 ms per query at efSearch 96, 2.98 against 1.88 at 512 (a worse graph),
+        and 1.2 against 0.8 ms right after an encoder run (efSearch 256, a prototype). The build is
+        faster too (151 against 196 s at 1M, efConstruction 80): its inserts find neighbours cached.
         One call, not chunks: FAISS inserts a call's vectors from the highest graph level down, so
         the upper levels span the whole catalog; sorted chunks build them from the first clusters
         only (1M, efConstruction 160: the tuner then needed efSearch 512, against 128 in one call)."""
@@ -194,7 +195,7 @@ class VectorIndex:
         search path, the exact top-10 among the RERANK_DEPTH PQ candidates re-scored exactly.
         The target is met when the sample's recall less RECALL_MARGIN_SE standard errors reaches it:
         with 500 queries and the bare mean, the knob picked at 1M gave 0.953 on its own sample and
-        0.935-0.946 on others (a per-query recall varies, so a sample's mean does by ~0.009)."""
+        0.935-0.970 on others (a per-query recall varies, so a sample's mean does by ~0.009)."""
         queries = tuning_queries(vectors, n_queries)
         truth = ids[_exact_top_k(vectors, queries, k)]
         knob = "ef_search" if self.params.index_type == "hnsw" else "nprobe"
@@ -269,8 +270,8 @@ def locality_order(vectors: np.ndarray, branching: int = LOCALITY_BRANCHING, lea
 
     Recursive spherical k-means: split into `branching` clusters, each cluster in turn, down to groups
     of <= `leaf`; the order is the tree's leaves left to right. Each split trains on a sample and
-    assigns its members in blocks, so no copy of all the vectors is made. 13 s at 1M x 512-d on two
-    cores (a flat 4,096-means took 38 s for slower searches)."""
+    assigns its members in blocks, so no copy of all the vectors is made. ~6 s at 1M x 512-d on two
+    cores (a flat 4,096-means took 38 s, and its order gave slower searches)."""
     out: list[np.ndarray] = []
     stack = [np.arange(len(vectors), dtype=np.int64)]
     while stack:
