@@ -135,7 +135,7 @@ class VectorIndex:
         make a search's reads fall in a few regions: at 1M, the same graph with its vectors shuffled
         took 0.53 against 0.46 ms per query at efSearch 96, 2.98 against 1.88 at 512 (a worse graph),
         and 1.2 against 0.8 ms right after an encoder run (efSearch 256, a prototype). The build is
-        faster too (151 against 196 s at 1M, efConstruction 80): its inserts find neighbours cached.
+        faster too (178 against 205 s at 1M, efConstruction 80): its inserts find neighbours cached.
         One call, not chunks: FAISS inserts a call's vectors from the highest graph level down, so
         the upper levels span the whole catalog; sorted chunks build them from the first clusters
         only (1M, efConstruction 160: the tuner then needed efSearch 512, against 128 in one call)."""
