@@ -93,7 +93,7 @@ def test_search_upload_similar_and_screenshot(page, base_url, tmp_path):
 
     page.fill("#q", "")
     page.set_input_files("#image-input", str(image_of(built, "dress-purple")))
-    assert page.is_visible("#preview")
+    page.wait_for_selector("#preview", state="visible", timeout=5000)  # shown once the file is read (async)
     submit_and_wait(page, lambda: page.click("#search-btn"))
     wait_thumbnails_loaded(page)
     assert card_ids(page)[0] == "dress-purple"  # the uploaded picture finds itself first
