@@ -96,6 +96,9 @@ class IndexParams:
     requested: str = "auto"  # what the user asked for
     ef_search: int | None = None  # HNSW
     nprobe: int | None = None  # IVF
+    # HNSW: how many stored vectors (spread over the layout) a query is compared with exactly, to
+    # start its graph search at the nearest; None: FAISS's own descent from its one entry point
+    entry_sample: int | None = None
     measured_recall_at_10: float | None = None
 
 

@@ -18,6 +18,7 @@ def index_info(index_dir: Path) -> dict:
             "dim": manifest.dim,
             "index_type": manifest.index.index_type,
             "search_params": {k: v for k, v in (("ef_search", manifest.index.ef_search),
+                                                ("entry_sample", manifest.index.entry_sample),
                                                 ("nprobe", manifest.index.nprobe)) if v},
             "measured_recall_at_10": manifest.index.measured_recall_at_10,
             "fusion": manifest.fusion.strategy,

@@ -279,3 +279,36 @@ def test_int8_option_keeps_vectors_close(model, pretrained):
     cos = (fp32.encode_pixels(pixels) * int8.encode_pixels(pixels)).sum(1)
     assert cos.min() > 0.98
     assert int8.encode_texts(["red dress"]).shape == (1, fp32.dim)
+
+
+def test_hnsw_search_starts_at_the_entry_sample(data):
+    """Searches start at the nearest of the index's entry sample: each sampled vector finds itself first,
+    at its own score (a wrong sign on the entry's score drops it), and every score is the exact one."""
+    ids, x = data
+    index = VectorIndex.build(DIM, ids, x, "hnsw")
+    assert index.params.entry_sample == min(1024, len(ids))
+    positions, sample = index._entry_sample()
+    assert len(positions) == index.params.entry_sample and positions.max() < len(ids)
+    scores, found = index.search(sample[:200], 10)
+    order = _positions(index)[0]  # ids by position
+    np.testing.assert_array_equal(found[:, 0], order[positions[:200]])
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    by_id = dict(zip(ids.tolist(), x))
+    queries = tuning_queries(x, 100, seed=9)
+    scores, found = index.search(queries, 10)
+    exact = np.einsum("qd,qkd->qk", queries, np.stack([[by_id[i] for i in row] for row in found.tolist()]))
+    np.testing.assert_allclose(scores, exact, atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+
+
+def test_entry_sample_follows_added_vectors_and_old_params_search_plainly(data):
+    ids, x = data
+    index = VectorIndex.build(DIM, ids[:4000], x[:4000], "hnsw")
+    index.search(x[:1], 5)  # reads the sample
+    index.add(ids[4000:], x[4000:])
+    positions, _ = index._entry_sample()
+    assert positions.max() > 4000  # re-read over the grown index
+    assert (index.search(x[4000:4100], 1)[1][:, 0] == ids[4000:4100]).mean() > 0.95
+    plain = VectorIndex(index.index, IndexParams(**{**vars(index.params), "entry_sample": None}))
+    queries = tuning_queries(x, 50, seed=4)
+    np.testing.assert_array_equal(plain.search(queries, 10)[1], index.index.search(queries, 10)[1])
