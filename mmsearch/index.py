@@ -188,21 +188,22 @@ class VectorIndex:
         0.19 against 0.80). Started at the best of 1,024 stored vectors, 0.1 % did, recall@10 rose
         from 0.958 to 0.994, and efSearch 24 gave 0.989 in 0.20 ms against 0.37 ms for 0.958 at 96.
         Comparing a query with the sample costs ~0.03 ms."""
+        hnsw = self._hnsw()
         positions, sample = self._entry_sample()
         sims = queries @ sample.T
         best = sims.argmax(axis=1)
         entries = np.ascontiguousarray(positions[best], dtype=np.int32)
         # Older FAISS releases negate inner products in HNSW (smaller is nearer), and the entries' must
         # be negated too; newer ones keep similarities (hnsw.is_similarity). A wrong sign drops the entry.
-        sign = 1.0 if getattr(self._hnsw().hnsw, "is_similarity", False) else -1.0
+        sign = 1.0 if getattr(hnsw.hnsw, "is_similarity", False) else -1.0
         entry_distances = np.ascontiguousarray(sign * sims[np.arange(len(queries)), best], dtype=np.float32)
         scores = np.empty((len(queries), k), dtype=np.float32)
         found = np.empty((len(queries), k), dtype=np.int64)
         search = faiss.SearchParametersHNSW()
-        search.efSearch = self.params.ef_search or self._hnsw().hnsw.efSearch
-        self._hnsw().search_level_0(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(entries),
-                                    faiss.swig_ptr(entry_distances), faiss.swig_ptr(scores),
-                                    faiss.swig_ptr(found), 1, 1, search)
+        search.efSearch = self.params.ef_search or hnsw.hnsw.efSearch
+        hnsw.search_level_0(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(entries),
+                            faiss.swig_ptr(entry_distances), faiss.swig_ptr(scores), faiss.swig_ptr(found),
+                            1, 1, search)
         ids = faiss.rev_swig_ptr(self.index.id_map.data(), self.index.id_map.size())  # a view, not a copy
         return scores, np.where(found >= 0, ids[np.maximum(found, 0)], -1)
 
@@ -212,8 +213,7 @@ class VectorIndex:
         file: ENTRY_SAMPLE pages) and again once vectors were added."""
         n = self.ntotal
         if self._entries is None or self._entries[0] != n:
-            count = min(self.params.entry_sample or 1, n)
-            positions = np.unique(np.linspace(0, n - 1, count).astype(np.int64))
+            positions = np.unique(np.linspace(0, n - 1, min(self.params.entry_sample, n)).astype(np.int64))
             vectors = faiss.downcast_index(self._hnsw().storage).reconstruct_batch(positions)
             self._entries = (n, positions, np.ascontiguousarray(vectors, dtype=np.float32))
         return self._entries[1], self._entries[2]
