@@ -62,17 +62,22 @@ def test_unknown_runtime_is_a_clear_error(tiny_checkpoint):
 
 
 @pytest.mark.slow
-def test_cli_index_with_onnx_int8_finds_each_image(tmp_path, catalog_dir, tiny_checkpoint):
+def test_cli_index_with_onnx_int8_finds_each_image(tmp_path, catalog_dir):
+    """On the shipped trained model: the random tiny model puts all eight photos within cosine 0.98-0.99
+    of each other, so int8's own drift (~0.986 to fp32) decided their order, and did so differently
+    from one library release to the next."""
     path = tmp_path / "idx"
     result = CliRunner().invoke(cli, ["index", str(catalog_dir / "catalog.csv"), "--index", str(path), "--model",
-                                      "mmsearch-tiny", "--pretrained", str(tiny_checkpoint), "--runtime", "onnx",
-                                      "--quantize", "int8", "-q", "--format", "json"])
+                                      "mmsearch-fashion", "--runtime", "onnx", "--quantize", "int8", "-q",
+                                      "--format", "json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["added"] == 9
     for key in PRODUCTS:
         image = next((catalog_dir / "images").glob(f"{key}.*"))
         out = CliRunner().invoke(cli, ["search", "--image", str(image), "--index", str(path), "--format", "json"])
-        assert json.loads(out.stdout)["results"][0]["id"] == key
+        first, second = json.loads(out.stdout)["results"][:2]
+        assert first["id"] == key and first["score"] > 0.99
+        assert second["id"].split("-")[0] == key.split("-")[0]  # then the other colour of the same product
 
 
 @pytest.mark.parametrize("cores,layout", [(1, (1, 1)), (2, (2, 1)), (3, (3, 1)), (16, (4, 4)), (6, (4, 1))])
