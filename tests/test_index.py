@@ -301,6 +301,37 @@ def test_hnsw_search_starts_at_the_entry_sample(data):
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
 
 
+def test_filtered_hnsw_search_starts_at_an_allowed_sampled_vector(data, monkeypatch):
+    """A filtered search also starts at the entry sample, at the nearest sampled vector the filter
+    keeps: a sampled vector that is allowed finds itself first; one that is not finds allowed ids
+    only, the exact filtered top-10 (scores exact too), and never itself."""
+    ids, x = data
+    index = VectorIndex.build(DIM, ids, x, "hnsw")
+    positions, sample = index._entry_sample()
+    by_position = _positions(index)[0]
+    sampled_ids = by_position[positions]
+    allowed = np.setdiff1d(ids[::3], sampled_ids[1::2])  # every third id, less every other sampled one
+    kept = np.isin(sampled_ids, allowed)
+    assert kept.any() and not kept.all()
+    calls = []
+    real = VectorIndex._search_from_entries
+    monkeypatch.setattr(VectorIndex, "_search_from_entries", lambda self, *a: calls.append(a[2]) or real(self, *a))
+    scores, found = index.search(sample[kept][:50], 10, allowed)
+    assert calls and calls[0] is allowed  # the entry path, not FAISS's own filtered descent
+    np.testing.assert_array_equal(found[:, 0], sampled_ids[kept][:50])
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    queries = np.concatenate([sample[~kept][:50], tuning_queries(x, 50, seed=6)])
+    scores, found = index.search(queries, 10, allowed)
+    assert np.isin(found, allowed).all()
+    assert not np.isin(found[:50], sampled_ids[~kept][:50]).any()
+    subset = np.isin(ids, allowed)
+    truth = ids[subset][_exact_top_k(x[subset], queries, 10)]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found.tolist(), truth.tolist())]) >= 0.98
+    by_id = dict(zip(ids.tolist(), x))
+    exact = np.einsum("qd,qkd->qk", queries, np.stack([[by_id[i] for i in row] for row in found.tolist()]))
+    np.testing.assert_allclose(scores, exact, atol=1e-5)
+
+
 def test_entry_sample_follows_added_vectors_and_old_params_search_plainly(data):
     ids, x = data
     index = VectorIndex.build(DIM, ids[:4000], x[:4000], "hnsw")
