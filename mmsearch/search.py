@@ -390,7 +390,10 @@ def _sum_fuse(vectors, weights, item_vecs, mask) -> fusion.FusionResult:
     summed = fusion.sum_fuse_query(vectors, weights)
     norm = float(np.linalg.norm((weights[:, None] * vectors.astype(np.float64)).sum(0)))
     sims = np.einsum("nmd,pd->npm", item_vecs.astype(np.float64), vectors.astype(np.float64))
-    summed_sims = np.where(mask, item_vecs.astype(np.float64) @ summed.astype(np.float64), -np.inf)
+    # einsum, not @: numpy's OpenBLAS wakes a helper thread for a product this size, and a single
+    # query on a busy machine then waits for it (~8 ms, about one in ten)
+    summed_sims = np.where(mask, np.einsum("nmd,d->nm", item_vecs.astype(np.float64), summed.astype(np.float64)),
+                           -np.inf)
     return _sum_fuse_similarities(sims, summed_sims, weights, norm, mask)
 
 
