@@ -12,7 +12,8 @@ mixture) with `VectorIndex.build`, and for each filter compares two ways of sear
 Filters: none; every other id (half); every tenth id (a tenth); one "category" of sixteen, a region of
 the embedding space (items whose largest coordinate along 16 random directions is the first): a filter
 that follows the vectors, like a product category. Queries: held-out points of the mixture (as
-bench_query). Recall against exact search over the items the filter keeps; "at 0": the share of
+bench_query); for the category, once points that fall in it (a shopper searching within a category)
+and once the held-out points that do not (their true top-10 lie on the category's edge). Recall against exact search over the items the filter keeps; "at 0": the share of
 queries that found none of their true top-10; latency: one query at a time on one thread, the
 selector's construction included (the query engine builds one per query).
 
@@ -35,11 +36,23 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from benchmarks._common import embeddings, fmt_table, machine, write_results  # noqa: E402
 
 
-def filters(ids: np.ndarray, vectors: np.ndarray) -> dict[str, np.ndarray | None]:
+def category_of(vectors: np.ndarray) -> np.ndarray:
+    """Which of 16 random directions each vector leans to most: a region of the embedding space."""
     directions = np.random.default_rng(7).standard_normal((16, vectors.shape[1])).astype(np.float32)
-    category = np.concatenate([(vectors[s:s + 100_000] @ directions.T).argmax(axis=1)
-                               for s in range(0, len(vectors), 100_000)])
-    return {"none": None, "half": ids[::2], "tenth": ids[::10], "category": ids[category == 0]}
+    return np.concatenate([(vectors[s:s + 100_000] @ directions.T).argmax(axis=1)
+                           for s in range(0, len(vectors), 100_000)])
+
+
+def cases(ids: np.ndarray, vectors: np.ndarray, n_queries: int) -> list[tuple[str, np.ndarray | None, np.ndarray]]:
+    """(filter name, allowed ids, queries): held-out points of the mixture; for the category filter
+    once those that fall in the category (a shopper searching within it) and once the others."""
+    queries = embeddings(n_queries, 512, seed=10_000_019)
+    pool = embeddings(40 * n_queries, 512, seed=20_000_003)
+    in_category = ids[category_of(vectors) == 0]
+    query_category = category_of(queries)
+    return [("none", None, queries), ("half", ids[::2], queries), ("tenth", ids[::10], queries),
+            ("category, query in it", in_category, pool[category_of(pool) == 0][:n_queries]),
+            ("category, query elsewhere", in_category, queries[query_category != 0])]
 
 
 def measure(index, queries: np.ndarray, truth: np.ndarray, allowed: np.ndarray | None, timed: int) -> dict:
@@ -76,29 +89,28 @@ def main() -> None:
     args = parser.parse_args()
     vectors = embeddings(args.n, 512)
     ids = np.arange(1, args.n + 1, dtype=np.int64)
-    queries = embeddings(args.queries, 512, seed=10_000_019)  # held-out points of the same mixture
     t0 = time.perf_counter()
     entry = VectorIndex.build(512, ids, vectors, "hnsw")
     build_s = time.perf_counter() - t0
     plain = VectorIndex(entry.index, IndexParams(**{**vars(entry.params), "entry_sample": None}))
     print(f"built in {build_s:.0f} s: {entry.params}", flush=True)
     results = []
-    for name, allowed in filters(ids, vectors).items():
+    for name, allowed, queries in cases(ids, vectors, args.queries):
         keep = np.ones(len(ids), bool) if allowed is None else np.isin(ids, allowed)
         _, positions = faiss.knn(queries, vectors[keep], 10, metric=faiss.METRIC_INNER_PRODUCT)
         truth = ids[keep][positions]
-        row = {"filter": name, "kept": int(keep.sum())}
+        row = {"filter": name, "kept": int(keep.sum()), "queries": len(queries)}
         for label, index in (("plain", plain), ("entry", entry)):
             row[label] = measure(index, queries, truth, allowed, args.timed)
         print(row, flush=True)
         results.append(row)
-    rows = [[r["filter"], f"{r['kept']:,}", *(v for label in ("plain", "entry") for v in (
+    rows = [[r["filter"], f"{r['kept']:,}", r["queries"], *(v for label in ("plain", "entry") for v in (
         f"{r[label]['recall_at_10']:.3f}", f"{100 * r[label]['at_zero']:.1f} %",
         f"{r[label]['ms_median_1thread']:.2f}"))] for r in results]
     table = (f"Filtered HNSW search, N = {args.n:,} x 512 (clustered synthetic), efSearch "
-             f"{entry.params.ef_search} (filtered: at least 256); {len(queries)} held-out queries, "
+             f"{entry.params.ef_search} (filtered: at least 256); held-out queries, "
              f"{args.timed} timed one at a time\n"
-             + fmt_table(["filter", "items kept", "plain R@10", "plain at 0", "plain ms", "entry R@10",
+             + fmt_table(["filter", "items kept", "queries", "plain R@10", "plain at 0", "plain ms", "entry R@10",
                           "entry at 0", "entry ms"], rows))
     write_results(args.name, {"machine": machine(), "n": args.n, "build_s": build_s,
                               "params": vars(entry.params), "results": results}, table)

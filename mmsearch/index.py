@@ -44,6 +44,7 @@ FILTERED_EF_SEARCH = 256  # least efSearch of a filtered HNSW search: walks thro
 TUNE_QUERIES = 2000
 TUNE_VALUES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 DEFAULT_MAX_MEMORY = 4 * 1024**3
+BITMAP_MAX_ID = 1 << 28  # filters over ids below this use a bitmap (at most 32 MiB); larger ids a hash set
 
 
 def estimate_bytes(kind: str, n_items: int, dim: int) -> int:
@@ -92,6 +93,25 @@ def _one_thread_if(single: bool):
         yield
     finally:
         faiss.omp_set_num_threads(threads)
+
+
+class IdFilter:
+    """The ids a filtered search may return, as a FAISS selector (held here: FAISS reads its memory).
+
+    A bitmap over ids, not FAISS's IDSelectorBatch: the batch builds a hash set of every allowed id,
+    for each query 20-25 ms for half of 1M items, ten times the search; the bitmap takes ~1 ms. Ids
+    past BITMAP_MAX_ID (SQLite's rowids of a catalog that fits here stay far below) use the batch."""
+
+    def __init__(self, allowed: np.ndarray):
+        allowed = np.ascontiguousarray(allowed, dtype=np.int64)
+        self.bitmap = None
+        if len(allowed) and int(allowed.min()) >= 0 and int(allowed.max()) < BITMAP_MAX_ID:
+            bits = np.zeros(int(allowed.max()) + 1, dtype=bool)
+            bits[allowed] = True
+            self.bitmap = np.packbits(bits, bitorder="little")  # FAISS tests bit (id & 7) of byte id >> 3
+            self.selector = faiss.IDSelectorBitmap(len(self.bitmap), faiss.swig_ptr(self.bitmap))
+        else:
+            self.selector = faiss.IDSelectorBatch(allowed)
 
 
 class VectorIndex:
@@ -175,13 +195,14 @@ class VectorIndex:
         """(scores, ids) of shape (Q, k); missing slots have id -1."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, min(k, self.ntotal)) if self.ntotal else 1
+        id_filter = IdFilter(allowed) if allowed is not None else None  # held until FAISS is done with it
         with _one_thread_if(len(queries) == 1):
             if self.params.entry_sample and self.ntotal:
-                return self._search_from_entries(queries, k, allowed)
-            params = self._search_parameters(allowed)
+                return self._search_from_entries(queries, k, id_filter)
+            params = self._search_parameters(id_filter)
             return self.index.search(queries, k, params=params) if params else self.index.search(queries, k)
 
-    def _search_from_entries(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None):
+    def _search_from_entries(self, queries: np.ndarray, k: int, id_filter: IdFilter | None = None):
         """HNSW search of the bottom graph level, started at the query's nearest vector of a fixed sample.
 
         Why: FAISS descends the upper levels greedily from one entry point, and on clustered vectors
@@ -189,30 +210,25 @@ class VectorIndex:
         synthetic items (efSearch 96) 3-5 % of queries found none of their true top-10 (top score
         0.19 against 0.80). Started at the best of 1,024 stored vectors, 0.1 % did, recall@10 rose
         from 0.958 to 0.994, and efSearch 24 gave 0.989 in 0.20 ms against 0.37 ms for 0.958 at 96.
-        Comparing a query with the sample costs ~0.03 ms. With `allowed` ids, the entry is the
-        nearest sampled vector the filter keeps (if any does), and the walk returns allowed ids only."""
+        Comparing a query with the sample costs ~0.03 ms. With a filter the entry is the same: the
+        walk goes through items the filter drops and returns only those it keeps. (Starting at the
+        nearest sampled vector the filter keeps did worse, 1M items, filters keeping half, a tenth
+        or a region of 5 %: recall@10 0.998 / 0.980 / 0.978 against 0.998 / 0.997 / 0.988.)"""
         hnsw = self._hnsw()
         positions, _ = self._entry_sample()
         sample_index = self._entries[3]
         ids = faiss.rev_swig_ptr(self.index.id_map.data(), self.index.id_map.size())  # a view, not a copy
         search = faiss.SearchParametersHNSW()
         search.efSearch = self.params.ef_search or hnsw.hnsw.efSearch
-        sample_search = None
-        selectors = ()  # SWIG keeps no reference to a selector set on the params: these must outlive the search
-        if allowed is not None:
-            allowed = np.ascontiguousarray(allowed, dtype=np.int64)
-            wanted = faiss.IDSelectorBatch(allowed)  # by id, while the graph walk asks by position
-            selectors = (wanted, faiss.IDSelectorTranslated(self.index.id_map, wanted))
-            search.sel = selectors[1]
+        translated = None  # SWIG keeps no reference to a selector set on the params: it must outlive the search
+        if id_filter is not None:
+            translated = faiss.IDSelectorTranslated(self.index.id_map, id_filter.selector)  # the walk asks by position
+            search.sel = translated
             search.efSearch = max(search.efSearch, FILTERED_EF_SEARCH)
-            kept = np.flatnonzero(np.isin(ids[positions], allowed))
-            if len(kept):
-                selectors += (faiss.IDSelectorBatch(kept),)
-                sample_search = faiss.SearchParameters(sel=selectors[-1])
         # The query against the sample by FAISS, on the thread count search() set, not by numpy: its
         # OpenBLAS wakes a helper thread for this product, and on a busy machine about one single
         # query in ten then waited ~8 ms for it (0.03 ms otherwise).
-        entry_sims, best = sample_index.search(queries, 1, params=sample_search)
+        entry_sims, best = sample_index.search(queries, 1)
         entries = np.ascontiguousarray(positions[best[:, 0]], dtype=np.int32)
         # Older FAISS releases negate inner products in HNSW (smaller is nearer), and the entries' must
         # be negated too; newer ones keep similarities (hnsw.is_similarity). A wrong sign drops the entry.
@@ -223,6 +239,7 @@ class VectorIndex:
         hnsw.search_level_0(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(entries),
                             faiss.swig_ptr(entry_distances), faiss.swig_ptr(scores), faiss.swig_ptr(found),
                             1, 1, search)
+        del translated
         return scores, np.where(found >= 0, ids[np.maximum(found, 0)], -1)
 
     def _entry_sample(self) -> tuple[np.ndarray, np.ndarray]:
@@ -242,10 +259,10 @@ class VectorIndex:
     def _hnsw(self) -> faiss.IndexHNSW:
         return faiss.downcast_index(self.index.index)
 
-    def _search_parameters(self, allowed: np.ndarray | None):
-        if allowed is None:
+    def _search_parameters(self, id_filter: IdFilter | None):
+        if id_filter is None:
             return None
-        selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        selector = id_filter.selector
         kind = self.params.index_type
         if kind == "hnsw":
             ef_search = max(self.params.ef_search or 64, FILTERED_EF_SEARCH)

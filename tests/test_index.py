@@ -12,6 +12,7 @@ from mmsearch.config import IndexParams, ModelRef
 from mmsearch.index import (
     FLAT_MAX_ITEMS,
     RECALL_TARGET,
+    IdFilter,
     VectorIndex,
     _exact_top_k,
     _recall,
@@ -301,15 +302,14 @@ def test_hnsw_search_starts_at_the_entry_sample(data):
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
 
 
-def test_filtered_hnsw_search_starts_at_an_allowed_sampled_vector(data, monkeypatch):
-    """A filtered search also starts at the entry sample, at the nearest sampled vector the filter
-    keeps: a sampled vector that is allowed finds itself first; one that is not finds allowed ids
-    only, the exact filtered top-10 (scores exact too), and never itself."""
+def test_filtered_hnsw_search_starts_at_the_entry_sample(data, monkeypatch):
+    """A filtered search also starts at the query's nearest sampled vector, allowed or not, and
+    returns allowed ids only: a sampled vector the filter keeps finds itself first, one it drops
+    never does; the result is the exact filtered top-10 (scores exact too)."""
     ids, x = data
     index = VectorIndex.build(DIM, ids, x, "hnsw")
     positions, sample = index._entry_sample()
-    by_position = _positions(index)[0]
-    sampled_ids = by_position[positions]
+    sampled_ids = _positions(index)[0][positions]
     allowed = np.setdiff1d(ids[::3], sampled_ids[1::2])  # every third id, less every other sampled one
     kept = np.isin(sampled_ids, allowed)
     assert kept.any() and not kept.all()
@@ -317,7 +317,7 @@ def test_filtered_hnsw_search_starts_at_an_allowed_sampled_vector(data, monkeypa
     real = VectorIndex._search_from_entries
     monkeypatch.setattr(VectorIndex, "_search_from_entries", lambda self, *a: calls.append(a[2]) or real(self, *a))
     scores, found = index.search(sample[kept][:50], 10, allowed)
-    assert calls and calls[0] is allowed  # the entry path, not FAISS's own filtered descent
+    assert calls and calls[0] is not None  # the entry path with the filter, not FAISS's own descent
     np.testing.assert_array_equal(found[:, 0], sampled_ids[kept][:50])
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
     queries = np.concatenate([sample[~kept][:50], tuning_queries(x, 50, seed=6)])
@@ -330,6 +330,27 @@ def test_filtered_hnsw_search_starts_at_an_allowed_sampled_vector(data, monkeypa
     by_id = dict(zip(ids.tolist(), x))
     exact = np.einsum("qd,qkd->qk", queries, np.stack([[by_id[i] for i in row] for row in found.tolist()]))
     np.testing.assert_allclose(scores, exact, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_id_filter_bitmap_and_hash_set_select_the_same_ids(data, kind, monkeypatch):
+    """Filtered searches select by a bitmap over ids; ids past BITMAP_MAX_ID fall back to FAISS's
+    hash set. Both return allowed ids only, and the same results."""
+    import mmsearch.index as index_module
+
+    ids, x = data
+    index = VectorIndex.build(DIM, ids, x, kind)
+    allowed = ids[5::7]
+    assert IdFilter(allowed).bitmap is not None
+    queries = tuning_queries(x, 40, seed=3)
+    by_bitmap = index.search(queries, 10, allowed)
+    monkeypatch.setattr(index_module, "BITMAP_MAX_ID", int(allowed.max()))  # the largest id no longer fits
+    assert IdFilter(allowed).bitmap is None
+    by_set = index.search(queries, 10, allowed)
+    np.testing.assert_array_equal(by_bitmap[1], by_set[1])
+    np.testing.assert_allclose(by_bitmap[0], by_set[0], atol=1e-6)
+    hits = by_bitmap[1][by_bitmap[1] >= 0]
+    assert len(hits) > 0.9 * by_bitmap[1].size and np.isin(hits, allowed).all()
 
 
 def test_entry_sample_follows_added_vectors_and_old_params_search_plainly(data):
