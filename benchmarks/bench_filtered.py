@@ -6,18 +6,21 @@ mixture) with `VectorIndex.build`, and for each filter compares two ways of sear
 
   plain   FAISS's own search: greedy descent of the upper levels from one entry point, then the
           bottom level with the selector (indexes built before the entry sample search so)
-  entry   `VectorIndex.search` now: the bottom level from the nearest stored vector of the entry
-          sample that the filter keeps
+  entry   `VectorIndex.search` now: the bottom level from the query's nearest stored vector of the
+          entry sample, and an exact scan of the kept vectors for a query whose best hit scores below
+          that sampled vector (a walk lost outside the filter's region), when the filter keeps at
+          most 200,000 items
 
 Filters: none; every other id (half); every tenth id (a tenth); one "category" of sixteen, a region of
 the embedding space (items whose largest coordinate along 16 random directions is the first): a filter
 that follows the vectors, like a product category. Queries: held-out points of the mixture (as
 bench_query); for the category, once points that fall in it (a shopper searching within a category)
-and once the held-out points that do not (their true top-10 lie on the category's edge). Recall against exact search over the items the filter keeps; "at 0": the share of
-queries that found none of their true top-10; latency: one query at a time on one thread, the
-selector's construction included (the query engine builds one per query).
+and once the held-out points that do not (their true top-10 lie on the category's edge). Recall
+against exact search over the items the filter keeps; "at 0": the share of queries that found none
+of their true top-10; latency: one query at a time on one thread, the selector's construction
+included (the query engine builds one per query).
 
-    python benchmarks/bench_filtered.py              # 1M, ~10 min on 2 cores
+    python benchmarks/bench_filtered.py              # 1M, ~12 min on 2 cores
     python benchmarks/bench_filtered.py --n 100000
 """
 

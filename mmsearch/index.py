@@ -41,6 +41,8 @@ RECALL_TARGET = 0.95
 RECALL_MARGIN_SE = 2.0  # the knob's recall must clear the target by this many standard errors
 RERANK_DEPTH = 256  # candidates re-scored exactly by the query engine (FusionConfig.candidates)
 FILTERED_EF_SEARCH = 256  # least efSearch of a filtered HNSW search: walks through items the filter drops
+FILTER_EXACT_GAP = 0.0  # a filtered hnsw hit this much below the query's best sampled vector: scan exactly
+FILTER_EXACT_MAX = 200_000  # ... when the filter keeps at most this many items (~70 ms at 512-d, one core)
 TUNE_QUERIES = 2000
 TUNE_VALUES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 DEFAULT_MAX_MEMORY = 4 * 1024**3
@@ -104,6 +106,7 @@ class IdFilter:
 
     def __init__(self, allowed: np.ndarray):
         allowed = np.ascontiguousarray(allowed, dtype=np.int64)
+        self.count = len(allowed)  # at most the items it keeps (ids need not be in the index)
         self.bitmap = None
         if len(allowed) and int(allowed.min()) >= 0 and int(allowed.max()) < BITMAP_MAX_ID:
             bits = np.zeros(int(allowed.max()) + 1, dtype=bool)
@@ -239,8 +242,26 @@ class VectorIndex:
         hnsw.search_level_0(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(entries),
                             faiss.swig_ptr(entry_distances), faiss.swig_ptr(scores), faiss.swig_ptr(found),
                             1, 1, search)
+        if id_filter is not None and id_filter.count <= FILTER_EXACT_MAX:
+            self._rescan_lost_queries(queries, k, translated, entry_sims[:, 0], scores, found)
         del translated
         return scores, np.where(found >= 0, ids[np.maximum(found, 0)], -1)
+
+    def _rescan_lost_queries(self, queries, k, selector, best_sampled, scores, found) -> None:
+        """Exact filtered search, in place, for the queries whose filtered graph walk got lost.
+
+        Why: when the filter keeps a region of the space (a category) and the query lies elsewhere,
+        the walk stops at the region's edge without its true top-10: at 1M items, a 5 % region,
+        recall@10 0.37. Such a walk's best hit scores below the query's best sampled vector (found
+        for the entry, before the filter), which at 1M happened for 54 % of those queries and for
+        at most 0.9 % of queries under other filters (half, a tenth, the region from inside it).
+        Scanning the kept vectors of a 5 % region in the index's own storage takes ~14 ms."""
+        lost = np.flatnonzero((found[:, 0] < 0) | (best_sampled - scores[:, 0] > FILTER_EXACT_GAP))
+        if not len(lost):
+            return
+        storage = faiss.downcast_index(self._hnsw().storage)  # flat: searched by position, as the walk
+        exact_scores, exact_found = storage.search(queries[lost], k, params=faiss.SearchParameters(sel=selector))
+        scores[lost], found[lost] = exact_scores, exact_found
 
     def _entry_sample(self) -> tuple[np.ndarray, np.ndarray]:
         """(positions, vectors) of the entry sample: evenly spaced positions, so that in locality order
