@@ -108,8 +108,9 @@ class IdFilter:
         allowed = np.ascontiguousarray(allowed, dtype=np.int64)
         self.count = len(allowed)  # at most the items it keeps (ids need not be in the index)
         self.bitmap = None
-        if len(allowed) and int(allowed.min()) >= 0 and int(allowed.max()) < BITMAP_MAX_ID:
-            bits = np.zeros(int(allowed.max()) + 1, dtype=bool)
+        top = int(allowed.max()) if len(allowed) else -1
+        if top >= 0 and int(allowed.min()) >= 0 and top < BITMAP_MAX_ID:
+            bits = np.zeros(top + 1, dtype=bool)
             bits[allowed] = True
             self.bitmap = np.packbits(bits, bitorder="little")  # FAISS tests bit (id & 7) of byte id >> 3
             self.selector = faiss.IDSelectorBitmap(len(self.bitmap), faiss.swig_ptr(self.bitmap))
@@ -243,11 +244,11 @@ class VectorIndex:
                             faiss.swig_ptr(entry_distances), faiss.swig_ptr(scores), faiss.swig_ptr(found),
                             1, 1, search)
         if id_filter is not None and id_filter.count <= FILTER_EXACT_MAX:
-            self._rescan_lost_queries(queries, k, translated, entry_sims[:, 0], scores, found)
-        del translated
+            self._rescan_lost_queries(hnsw, queries, k, translated, entry_sims[:, 0], scores, found)
         return scores, np.where(found >= 0, ids[np.maximum(found, 0)], -1)
 
-    def _rescan_lost_queries(self, queries, k, selector, best_sampled, scores, found) -> None:
+    @staticmethod
+    def _rescan_lost_queries(hnsw, queries, k, selector, best_sampled, scores, found) -> None:
         """Exact filtered search, in place, for the queries whose filtered graph walk got lost.
 
         Why: when the filter keeps a region of the space (a category) and the query lies elsewhere,
@@ -259,7 +260,7 @@ class VectorIndex:
         lost = np.flatnonzero((found[:, 0] < 0) | (best_sampled - scores[:, 0] > FILTER_EXACT_GAP))
         if not len(lost):
             return
-        storage = faiss.downcast_index(self._hnsw().storage)  # flat: searched by position, as the walk
+        storage = faiss.downcast_index(hnsw.storage)  # flat: searched by position, as the walk
         exact_scores, exact_found = storage.search(queries[lost], k, params=faiss.SearchParameters(sel=selector))
         scores[lost], found[lost] = exact_scores, exact_found
 
