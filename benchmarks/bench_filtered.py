@@ -7,9 +7,10 @@ mixture) with `VectorIndex.build`, and for each filter compares two ways of sear
   plain   FAISS's own search: greedy descent of the upper levels from one entry point, then the
           bottom level with the selector (indexes built before the entry sample search so)
   entry   `VectorIndex.search` now: the bottom level from the query's nearest stored vector of the
-          entry sample, and an exact scan of the kept vectors for a query whose best hit scores below
-          that sampled vector (a walk lost outside the filter's region), when the filter keeps at
-          most 200,000 items
+          entry sample; when the filter keeps at most 200,000 items, an exact scan of the kept vectors
+          for a query whose best hit scores below that sampled vector (a walk lost outside the
+          filter's region), and for the others the hits grown through the graph's kept nodes
+          (`mmsearch/filterwalk.py`)
 
 Filters: none; every other id (half); every tenth id (a tenth); one "category" of sixteen, a region of
 the embedding space (items whose largest coordinate along 16 random directions is the first): a filter

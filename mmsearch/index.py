@@ -25,6 +25,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from . import filterwalk
 from .config import IndexParams
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,18 @@ FILTER_EXACT_MAX = 200_000  # ... when the filter keeps at most this many items 
 TUNE_QUERIES = 2000
 TUNE_VALUES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 DEFAULT_MAX_MEMORY = 4 * 1024**3
+IVFPQ_BYTES_PER_VECTOR = 80  # the most an ivfpq index may hold per vector, fixed costs included
+PQ_CENTROIDS = 256  # per sub-quantiser (8-bit codes): the codebook is PQ_CENTROIDS * dim floats
 BITMAP_MAX_ID = 1 << 28  # filters over ids below this use a bitmap (at most 32 MiB); larger ids a hash set
 
 
 def estimate_bytes(kind: str, n_items: int, dim: int) -> int:
-    """Resident bytes of an index of this kind (vectors, graph, codes, ids)."""
+    """Resident bytes of an index of this kind (vectors, graph, codes, ids, centroids, codebooks)."""
     if kind == "flat":
         return n_items * (4 * dim + 8)
     if kind == "hnsw":
         return n_items * (4 * dim + 2 * 4 * HNSW_M + 4 * HNSW_M // 2 + 16)
-    return n_items * (_pq_m(dim) + 8) + ivf_lists(n_items) * 4 * dim
+    return n_items * (_pq_m(dim) + 8) + (ivf_lists(n_items, dim) + PQ_CENTROIDS) * 4 * dim
 
 
 def choose_index_type(n_items: int, dim: int, max_memory: int = DEFAULT_MAX_MEMORY) -> str:
@@ -65,12 +68,20 @@ def choose_index_type(n_items: int, dim: int, max_memory: int = DEFAULT_MAX_MEMO
     return "hnsw" if estimate_bytes("hnsw", n_items, dim) <= max_memory else "ivfpq"
 
 
-def ivf_lists(n_items: int) -> int:
-    """~2.5 sqrt(N) inverted lists, at least 39 training points each (FAISS's k-means minimum).
+def ivf_lists(n_items: int, dim: int = 512) -> int:
+    """~2.5 sqrt(N) inverted lists, at least 39 training points each (FAISS's k-means minimum), and
+    few enough that the index stays within IVFPQ_BYTES_PER_VECTOR.
 
-    Each list costs a 4*dim-byte centroid (plus its HNSW links from 1M): at 1M x 512-d, 4 sqrt(N) lists
-    would add ~9.4 bytes per vector to the 72 of code + id; 2.5 sqrt(N) adds ~6, and nprobe is tuned anyway."""
-    return max(1, min(int(2.5 * math.sqrt(max(n_items, 1))), max(n_items // 39, 1)))
+    Each list costs a 4*dim-byte centroid (plus its HNSW links from 1M), and the PQ codebook a fixed
+    256 * 4*dim bytes: at 100k x 512-d, 2.5 sqrt(N) = 790 lists would add 16 bytes per vector and the
+    codebook 5 to the 72 of code + id (93 measured); at 1M the memory cap (~3,100 lists) does not bind.
+    Never fewer than sqrt(N)/4 lists (a probe would scan too many codes): below ~80k items at 512-d the
+    codebook alone breaks the budget, and such a small ivfpq index is only built when asked for."""
+    n = max(n_items, 1)
+    by_count = min(int(2.5 * math.sqrt(n)), n // 39)
+    spare = (IVFPQ_BYTES_PER_VECTOR - _pq_m(dim) - 8 - 1) * n - PQ_CENTROIDS * 4 * dim  # 1 B/vec: links, headers
+    by_memory = max(spare // (4 * dim), int(math.sqrt(n) / 4))
+    return max(1, min(by_count, by_memory))
 
 
 def _pq_m(dim: int) -> int:
@@ -116,6 +127,21 @@ class IdFilter:
             self.selector = faiss.IDSelectorBitmap(len(self.bitmap), faiss.swig_ptr(self.bitmap))
         else:
             self.selector = faiss.IDSelectorBatch(allowed)
+            self.sorted_ids = np.unique(allowed)
+
+    def keeps(self, ids: np.ndarray) -> np.ndarray:
+        """Which of these ids the filter keeps."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.bitmap is None:
+            if not len(self.sorted_ids):
+                return np.zeros(len(ids), dtype=bool)
+            at = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
+            return self.sorted_ids[at] == ids
+        inside = (ids >= 0) & (ids < 8 * len(self.bitmap))
+        kept = np.zeros(len(ids), dtype=bool)
+        held = ids[inside]
+        kept[inside] = (self.bitmap[held >> 3] >> (held & 7).astype(np.uint8)) & 1
+        return kept
 
 
 class VectorIndex:
@@ -244,11 +270,14 @@ class VectorIndex:
                             faiss.swig_ptr(entry_distances), faiss.swig_ptr(scores), faiss.swig_ptr(found),
                             1, 1, search)
         if id_filter is not None and id_filter.count <= FILTER_EXACT_MAX:
-            self._rescan_lost_queries(hnsw, queries, k, translated, entry_sims[:, 0], scores, found)
+            lost = self._rescan_lost_queries(hnsw, queries, k, translated, entry_sims[:, 0], scores, found)
+            graph = filterwalk.Graph.of(hnsw, self.index.id_map)
+            for q in np.setdiff1d(np.arange(len(queries)), lost):  # the others' results are exact
+                scores[q], found[q] = filterwalk.expand(graph, id_filter.keeps, queries[q], scores[q], found[q], k)
         return scores, np.where(found >= 0, ids[np.maximum(found, 0)], -1)
 
     @staticmethod
-    def _rescan_lost_queries(hnsw, queries, k, selector, best_sampled, scores, found) -> None:
+    def _rescan_lost_queries(hnsw, queries, k, selector, best_sampled, scores, found) -> np.ndarray:
         """Exact filtered search, in place, for the queries whose filtered graph walk got lost.
 
         Why: when the filter keeps a region of the space (a category) and the query lies elsewhere,
@@ -256,13 +285,15 @@ class VectorIndex:
         recall@10 0.37. Such a walk's best hit scores below the query's best sampled vector (found
         for the entry, before the filter), which at 1M happened for 54 % of those queries and for
         at most 0.9 % of queries under other filters (half, a tenth, the region from inside it).
-        Scanning the kept vectors of a 5 % region in the index's own storage takes ~14 ms."""
+        Scanning the kept vectors of a 5 % region in the index's own storage takes ~18 ms. The other
+        queries' hits are then grown through the kept nodes (filterwalk.expand). Returns the rows
+        scanned."""
         lost = np.flatnonzero((found[:, 0] < 0) | (best_sampled - scores[:, 0] > FILTER_EXACT_GAP))
-        if not len(lost):
-            return
-        storage = faiss.downcast_index(hnsw.storage)  # flat: searched by position, as the walk
-        exact_scores, exact_found = storage.search(queries[lost], k, params=faiss.SearchParameters(sel=selector))
-        scores[lost], found[lost] = exact_scores, exact_found
+        if len(lost):
+            storage = faiss.downcast_index(hnsw.storage)  # flat: searched by position, as the walk
+            params = faiss.SearchParameters(sel=selector)
+            scores[lost], found[lost] = storage.search(queries[lost], k, params=params)
+        return lost
 
     def _entry_sample(self) -> tuple[np.ndarray, np.ndarray]:
         """(positions, vectors) of the entry sample: evenly spaced positions, so that in locality order
@@ -361,7 +392,7 @@ def _new_index(kind: str, dim: int, n_items: int) -> faiss.Index:
         hnsw = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         return faiss.IndexIDMap(hnsw)
-    lists = ivf_lists(n_items)
+    lists = ivf_lists(n_items, dim)
     coarse = f"IVF{lists}_HNSW32" if n_items >= IVF_HNSW_MIN_ITEMS else f"IVF{lists}"
     # 'np': no polysemous training (minutes of annealing, only useful for Hamming-filtered search)
     return faiss.index_factory(dim, f"{coarse},PQ{_pq_m(dim)}x8np", faiss.METRIC_INNER_PRODUCT)

@@ -1,6 +1,7 @@
 """VectorIndex unit tests (small clustered synthetic vectors) and `reindex` from stored vectors."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from mmsearch.index import (
     _exact_top_k,
     _recall,
     choose_index_type,
+    estimate_bytes,
+    ivf_lists,
     locality_order,
     tuning_queries,
 )
@@ -202,8 +205,20 @@ def test_ivfpq_bytes_per_vector(tmp_path):
     ids = np.arange(len(x), dtype=np.int64)
     index = VectorIndex.build(512, ids, x, "ivfpq")
     index.save(tmp_path / "pq.faiss")
+    size = (tmp_path / "pq.faiss").stat().st_size
     fixed = index.index.nlist * 512 * 4 + 256 * 512 * 4  # coarse centroids + PQ codebooks
-    assert ((tmp_path / "pq.faiss").stat().st_size - fixed) / len(x) <= 80
+    assert (size - fixed) / len(x) <= 80
+    # the estimate the budget rule and ivf_lists use is the file's size, fixed costs included
+    assert index.index.nlist == ivf_lists(len(x), 512)
+    assert abs(size - estimate_bytes("ivfpq", len(x), 512)) / size < 0.03
+
+
+@pytest.mark.parametrize("n_items", [100_000, 300_000, 1_000_000, 10_000_000])
+def test_ivfpq_stays_within_80_bytes_per_vector_from_100k(n_items):
+    # at 100k x 512-d, 2.5 sqrt(N) lists made 93 bytes per vector (centroids 16, codebook 5)
+    assert estimate_bytes("ivfpq", n_items, 512) / n_items <= 80
+    assert ivf_lists(n_items, 512) >= math.sqrt(n_items) / 4  # probes stay short
+    assert ivf_lists(1_000_000, 512) == 2500  # where memory does not bind, 2.5 sqrt(N)
 
 
 def _collection(path, n=3000):
