@@ -14,6 +14,7 @@ The encoder is ViT-B-32 with `--pretrained random` (speed only; random weights r
 
     python benchmarks/bench_query.py            # 10k, 100k, 1M (about an hour on 2 cores)
     python benchmarks/bench_query.py --quick    # 2k, 20k smoke run
+    python benchmarks/bench_query.py --ann-only --kinds ivfpq   # index types alone, no store or model
 """
 
 from __future__ import annotations
@@ -234,7 +235,8 @@ def exact_ms(vectors: np.ndarray, queries: np.ndarray) -> float:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
 
 
-def run_size(n: int, dim: int, n_queries: int, workdir: Path, repeat: int, kinds: list[str]) -> dict:
+def run_size(n: int, dim: int, n_queries: int, workdir: Path, repeat: int, kinds: list[str],
+             ann_only: bool = False) -> dict:
 
     from mmsearch.index import VectorIndex, _exact_top_k, choose_index_type
 
@@ -248,12 +250,13 @@ def run_size(n: int, dim: int, n_queries: int, workdir: Path, repeat: int, kinds
     truth = ids[_exact_top_k(vectors, queries, 10)]
     print(f"data {time.perf_counter() - t0:.1f}s", flush=True)
     index_dir = workdir / f"idx{n}"
-    t0 = time.perf_counter()
-    build_store(index_dir, vectors)
-    out: dict = {"n": n, "dim": dim, "raw_vector_bytes": vectors.nbytes,
-                 "store_build_s": time.perf_counter() - t0,
-                 "sqlite_bytes": (index_dir / "items.sqlite").stat().st_size}
-    print(f"store {out['store_build_s']:.1f}s", flush=True)
+    out: dict = {"n": n, "dim": dim, "raw_vector_bytes": vectors.nbytes}
+    if not ann_only:
+        t0 = time.perf_counter()
+        build_store(index_dir, vectors)
+        out["store_build_s"] = time.perf_counter() - t0
+        out["sqlite_bytes"] = (index_dir / "items.sqlite").stat().st_size
+        print(f"store {out['store_build_s']:.1f}s", flush=True)
     out["exact_flat_ms_1thread"] = exact_ms(vectors, queries)
     auto = choose_index_type(n, dim)
     out["auto_index_type"] = auto
@@ -272,10 +275,12 @@ def run_size(n: int, dim: int, n_queries: int, workdir: Path, repeat: int, kinds
             print(label, json.dumps(out["kinds"][label]), flush=True)
             index.permute(np.argsort(shuffle))
         print(kind, json.dumps(out["kinds"][kind]), flush=True)
-        if kind == auto:
+        if kind == auto and not ann_only:
             built[kind] = index
         else:
             del index
+    if ann_only:
+        return out
     image_index = built.get(auto) or VectorIndex.build(dim, ids, vectors, auto)
     del vectors
     publish(index_dir, image_index)
@@ -306,7 +311,9 @@ def table(results: list[dict]) -> str:
              f"{r['warm_query']['end_to_end_ms']:.1f}", f"{r['warm_query']['ratio']:.3f}",
              f"{r['cold_query']['import_and_model_load_and_encode_s']:.2f}", f"{r['cold_query']['cli_search_s']:.2f}",
              f"{r['cold_query']['ratio']:.2f}", f"{r['exact_flat_ms_1thread']:.1f}",
-             f"{r['sqlite_bytes'] / 2**20:.0f}"] for r in results]
+             f"{r['sqlite_bytes'] / 2**20:.0f}"] for r in results if "warm_query" in r]
+    if not rows:  # --ann-only
+        return "ANN per index type (see bench_query.py's docstring)\n" + ann
     e2e = fmt_table(["N", "auto", "warm: torch text enc ms", "warm: query's text enc ms", "warm: search ms",
                      "ratio (<=1.15)", "cold: floor s",
                      "cold: CLI s", "cold ratio", "flat 1thr ms", "SQLite MiB"], rows)
@@ -325,6 +332,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2k and 20k items, fewer repeats")
     parser.add_argument("--workdir", type=Path, help="where index folders go (default: a temp dir)")
+    parser.add_argument("--ann-only", action="store_true", help="index types only: no store, no end-to-end queries")
     parser.add_argument("--name", default=None, help="results file name (default bench_query[_quick])")
     args = parser.parse_args()
     sizes = [2_000, 20_000] if args.quick else [int(s) for s in args.sizes.split(",")]
@@ -336,7 +344,7 @@ def main() -> None:
     name = args.name or ("bench_query_quick" if args.quick else "bench_query")
     try:
         for n in sizes:
-            results.append(run_size(n, args.dim, args.queries, workdir, repeat, args.kinds.split(",")))
+            results.append(run_size(n, args.dim, args.queries, workdir, repeat, args.kinds.split(","), args.ann_only))
             write_results(name, payload, table(results))  # after every size: a long run keeps what it did
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
