@@ -276,7 +276,7 @@ class VectorIndex:
         if id_filter is not None and id_filter.count <= FILTER_EXACT_MAX:
             lost = self._rescan_lost_queries(hnsw, queries, k, translated, entry_sims[:, 0], scores, found)
             graph = filterwalk.Graph.of(hnsw, self.index.id_map)
-            for q in np.setdiff1d(np.arange(len(queries)), lost):  # the others' results are exact
+            for q in np.setdiff1d(np.arange(len(queries)), lost):  # rescanned rows are exact already
                 scores[q], found[q] = filterwalk.expand(graph, id_filter.keeps, queries[q], scores[q], found[q], k)
         return scores, np.where(found >= 0, ids[np.maximum(found, 0)], -1)
 
