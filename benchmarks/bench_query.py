@@ -312,15 +312,15 @@ def table(results: list[dict]) -> str:
              f"{r['cold_query']['import_and_model_load_and_encode_s']:.2f}", f"{r['cold_query']['cli_search_s']:.2f}",
              f"{r['cold_query']['ratio']:.2f}", f"{r['exact_flat_ms_1thread']:.1f}",
              f"{r['sqlite_bytes'] / 2**20:.0f}"] for r in results if "warm_query" in r]
+    head = ("ANN per index type (single thread; recall vs exact on held-out clustered queries; RSS = anonymous "
+            "memory after load + 21 queries, in a fresh process, file evicted from page cache first)\n" + ann)
     if not rows:  # --ann-only
-        return "ANN per index type (see bench_query.py's docstring)\n" + ann
+        return head
     e2e = fmt_table(["N", "auto", "warm: torch text enc ms", "warm: query's text enc ms", "warm: search ms",
                      "ratio (<=1.15)", "cold: floor s",
                      "cold: CLI s", "cold ratio", "flat 1thr ms", "SQLite MiB"], rows)
-    return ("ANN per index type (single thread; recall vs exact on held-out clustered queries; RSS = anonymous "
-            "memory after load + 21 queries, in a fresh process, file evicted from page cache first)\n" + ann +
-            "\n\nEnd to end (ViT-B-32 random weights: speed only; medians, ratios against the same-run baseline)\n"
-            + e2e)
+    return (head + "\n\nEnd to end (ViT-B-32 random weights: speed only; medians, ratios against the same-run "
+            "baseline)\n" + e2e)
 
 
 def main() -> None:

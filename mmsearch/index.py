@@ -62,7 +62,7 @@ def estimate_bytes(kind: str, n_items: int, dim: int) -> int:
         return n_items * (4 * dim + 8)
     if kind == "hnsw":
         return n_items * (4 * dim + 2 * 4 * HNSW_M + 4 * HNSW_M // 2 + 16)
-    return n_items * (_pq_m(dim) + 8) + (ivf_lists(n_items, dim) + PQ_CENTROIDS) * 4 * dim
+    return n_items * _ivfpq_vector_bytes(dim) + (ivf_lists(n_items, dim) + PQ_CENTROIDS) * 4 * dim
 
 
 def choose_index_type(n_items: int, dim: int, max_memory: int = DEFAULT_MAX_MEMORY) -> str:
@@ -83,9 +83,15 @@ def ivf_lists(n_items: int, dim: int = 512) -> int:
     codebook alone breaks the budget, and such a small ivfpq index is only built when asked for."""
     n = max(n_items, 1)
     by_count = min(int(2.5 * math.sqrt(n)), n // 39)
-    spare = (IVFPQ_BYTES_PER_VECTOR - _pq_m(dim) - 8 - 1) * n - PQ_CENTROIDS * 4 * dim  # 1 B/vec: links, headers
+    # 1 byte per vector left for the coarse quantizer's links and the file's headers
+    spare = (IVFPQ_BYTES_PER_VECTOR - _ivfpq_vector_bytes(dim) - 1) * n - PQ_CENTROIDS * 4 * dim
     by_memory = max(spare // (4 * dim), int(math.sqrt(n) / 4))
     return max(1, min(by_count, by_memory))
+
+
+def _ivfpq_vector_bytes(dim: int) -> int:
+    """What each vector itself costs in an ivfpq index: its PQ code and its 8-byte id."""
+    return _pq_m(dim) + 8
 
 
 def _pq_m(dim: int) -> int:
