@@ -48,6 +48,20 @@ def test_onnx_tower_agrees_with_torch(tiny_encoder, pixels, tmp_path, monkeypatc
     assert (folder / "image.onnx").stat().st_mtime_ns == mtime
 
 
+def test_int8_keeps_the_patch_convolution_in_fp32_and_quantises_every_matmul(tiny_encoder, tmp_path, monkeypatch):
+    import onnx
+
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    imageonnx.image_tower(tiny_encoder, "int8")
+    (folder,) = (tmp_path / "cache" / "image-onnx").iterdir()
+    graph = onnx.load(str(folder / "image.onnx")).graph
+    ops = [node.op_type for node in graph.node]
+    assert "Conv" in ops and "ConvInteger" not in ops  # onnxruntime's ConvInteger is slower than fp32 Conv
+    weights = {init.name for init in graph.initializer}
+    fp32_weight_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and weights & set(n.input)]
+    assert fp32_weight_matmuls == [] and ops.count("MatMulInteger") >= 4  # only activation x activation stays fp32
+
+
 def test_int8_that_drifts_too_far_is_refused(tiny_encoder, tmp_path, monkeypatch):
     monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(imageonnx, "INT8_MIN_COSINE", 1.01)  # unreachable: any int8 export fails the check
