@@ -48,7 +48,8 @@ def test_onnx_tower_agrees_with_torch(tiny_encoder, pixels, tmp_path, monkeypatc
     assert (folder / "image.onnx").stat().st_mtime_ns == mtime
 
 
-def test_int8_keeps_the_patch_convolution_in_fp32_and_quantises_every_matmul(tiny_encoder, tmp_path, monkeypatch):
+def test_int8_keeps_the_patch_conv_in_fp32_and_quantises_every_matmul_per_channel(tiny_encoder, tmp_path,
+                                                                                   monkeypatch):
     import onnx
 
     monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
@@ -60,6 +61,10 @@ def test_int8_keeps_the_patch_convolution_in_fp32_and_quantises_every_matmul(tin
     weights = {init.name for init in graph.initializer}
     fp32_weight_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and weights & set(n.input)]
     assert fp32_weight_matmuls == [] and ops.count("MatMulInteger") >= 4  # only activation x activation stays fp32
+    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "MatMulInteger":  # inputs: A, B, A's zero point, B's zero point (one per column)
+            assert shapes[node.input[3]] == shapes[node.input[1]][1:] and shapes[node.input[1]][1] > 1
 
 
 def test_int8_that_drifts_too_far_is_refused(tiny_encoder, tmp_path, monkeypatch):
