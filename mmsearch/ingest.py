@@ -91,8 +91,12 @@ def ingest(catalog: str | Path, index_dir: Path, options: IngestOptions | None =
     report = IngestReport(failed=list(parsed.failed))
     collection, encoder = _open_or_create(index_dir, options, encoder)
     try:
-        with collection.write_lock(wait=options.wait_for_lock), _long_lived_frozen():
-            _run(collection, encoder, parsed.items, options, report, progress)
+        with collection.write_lock(wait=options.wait_for_lock):
+            # an existing index's model loads under the lock: a second writer is refused at once,
+            # not after loading a model it cannot use (seconds, in which the first writer may finish)
+            encoder = encoder or _index_encoder(collection, options)
+            with _long_lived_frozen():  # after the model loads: its objects are frozen out of the GC too
+                _run(collection, encoder, parsed.items, options, report, progress)
     finally:
         collection.close()
     return report
@@ -111,20 +115,28 @@ def _long_lived_frozen():
         gc.unfreeze()
 
 
-def _open_or_create(index_dir: Path, options: IngestOptions, encoder: Encoder | None):
+def _open_or_create(index_dir: Path, options: IngestOptions,
+                    encoder: Encoder | None) -> tuple[Collection, Encoder | None]:
+    """The collection, and the encoder: None for an existing index when none was given (it loads
+    under the write lock, _index_encoder); a new index needs it now for its vector size."""
     if (index_dir / "manifest.json").exists():
         collection = Collection.open(index_dir)
         built_with = collection.manifest.model
         if options.model and canonical_ref(options.model, options.pretrained) != built_with:
+            collection.close()
             raise MMSearchError(f"index {index_dir} was built with model {built_with.label()}; "
                                 "use a new --index for another model")
-        encoder = encoder or load_encoder(built_with.name, built_with.pretrained, options.quantize, options.runtime)
         return collection, encoder
     if encoder is None:
         name = options.model or DEFAULT_MODEL
         pretrained = options.pretrained if options.model else (options.pretrained or DEFAULT_PRETRAINED)
         encoder = load_encoder(name, pretrained, options.quantize, options.runtime)
     return Collection.create(index_dir, encoder.ref, encoder.dim), encoder
+
+
+def _index_encoder(collection: Collection, options: IngestOptions) -> Encoder:
+    built_with = collection.manifest.model
+    return load_encoder(built_with.name, built_with.pretrained, options.quantize, options.runtime)
 
 
 def _run(collection: Collection, encoder: Encoder, items: list[CatalogItem], options: IngestOptions,

@@ -44,6 +44,27 @@ def test_second_writer_fails_clearly(small):
                                      "wait for it to finish (or use --wait)")
 
 
+def test_second_writer_is_refused_before_it_loads_a_model(small, monkeypatch):
+    """The lock is tried first: loading the index's model takes seconds, in which the first writer
+    may finish, and a refused writer must not spend them."""
+    import mmsearch.ingest as ingest_module
+
+    csv, index = small
+    loads = []
+    real_load = ingest_module.load_encoder
+    monkeypatch.setattr(ingest_module, "load_encoder", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    holder = Collection.open(index)
+    try:
+        with holder.write_lock():
+            with pytest.raises(IndexLockedError):
+                ingest(csv, index)
+    finally:
+        holder.close()
+    assert loads == []
+    ingest(csv, index)  # the lock released: this writer loads the index's model and runs
+    assert len(loads) == 1
+
+
 def test_second_writer_waits_with_wait(small):
     csv, index = small
     holder = Collection.open(index)
