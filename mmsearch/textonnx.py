@@ -61,11 +61,15 @@ def enabled() -> bool:
 
 
 CAPTION_INT8_MIN_COSINE = 0.99  # mean cosine(int8 caption tower, torch fp32) over the probe texts
+# The caption tower's int8, as the image tower's (imageonnx.INT8_OP_TYPES): weight MatMuls only (the token
+# embedding Gather stays fp32), a scale per output column. Its cache name changes with these settings.
+CAPTION_INT8_OPS = ["MatMul"]
+CAPTION_INT8_KEY = "int8-matmul-per-channel"
 
 
 def export_folder(ref: ModelRef, variant: str = "fp32", export_format: int = EXPORT_FORMAT) -> Path:
     """fp32: the query tower; int8: the dynamically quantised caption tower (export_caption_int8)."""
-    extra = () if variant == "fp32" else (variant,)
+    extra = () if variant == "fp32" else (CAPTION_INT8_KEY if variant == "int8" else variant,)
     return cache_root("text-onnx") / model_key(ref, "text", export_format, *extra)
 
 
@@ -334,7 +338,8 @@ def _export_int8(encoder, staging: Path) -> dict:
     tokens = tokenizer(PROBE_TEXTS[:2])
     fp32 = staging / "text-fp32.onnx"
     _export_prefix(encoder.model, torch.from_numpy(tokens[:, : _prefix_length(tokens)]), fp32)
-    quantize_dynamic(str(fp32), str(staging / ONNX_FILE), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(fp32), str(staging / ONNX_FILE), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=CAPTION_INT8_OPS, per_channel=True)
     fp32.unlink()
     meta = {**verdict, "context_length": tokenizer.context_length, "trim": True}
     want, *got = _probe_export(encoder, staging, meta)

@@ -180,6 +180,30 @@ def test_int8_ingest_stores_the_int8_caption_vectors(cache, tmp_path, catalog_di
     assert np.abs(got - encoder.encode_texts(captions)).max() > 1e-4  # not the fp32 tower's vectors
 
 
+def test_int8_caption_tower_quantises_its_weight_matmuls_per_channel_and_not_the_embedding(
+        cache, tiny_encoder, monkeypatch):
+    import onnx
+    import onnxruntime.quantization as quantization
+
+    graphs = []
+    real = quantization.quantize_dynamic
+
+    def recording(model_input, model_output, **options):  # the real quantiser; its output graph kept
+        real(model_input, model_output, **options)
+        graphs.append(onnx.load(str(model_output)).graph)
+
+    monkeypatch.setattr(quantization, "quantize_dynamic", recording)
+    assert textonnx.export_caption_int8(tiny_encoder) is not None
+    (graph,) = graphs
+    ops = [node.op_type for node in graph.node]
+    assert "Gather" in ops and "DequantizeLinear" not in ops  # the token embedding is read in fp32
+    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
+    weights = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert len(weights) >= 4 and not [n for n in graph.node if n.op_type == "MatMul" and set(n.input) & set(shapes)]
+    for node in weights:  # B's zero point: one per output column
+        assert shapes[node.input[3]] == shapes[node.input[1]][1:] and shapes[node.input[1]][1] > 1
+
+
 def test_a_text_tower_int8_cannot_export_keeps_fp32_captions_and_the_verdict_is_cached(
         cache, tiny_encoder, monkeypatch):
     monkeypatch.setattr(tiny_encoder, "tokenizer", lambda texts: np.zeros((len(texts), 77), dtype=np.int64))
