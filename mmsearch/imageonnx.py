@@ -19,19 +19,22 @@ from typing import TypeVar
 import numpy as np
 
 from .errors import ModelLoadError
-from .onnxcache import cache_root, export_method, l2_normalised, model_key, ort_session, publish, read_meta
+from .onnxcache import (
+    cache_root,
+    export_method,
+    l2_normalised,
+    model_key,
+    ort_session,
+    publish,
+    quantize_int8,
+    read_meta,
+)
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnx")
 VARIANTS = ("fp32", "int8")
-EXPORT_FORMAT = 3  # 2: the meta records the preprocessing (onnxencoder.py); 3: int8 as INT8_OP_TYPES says
-# What int8 quantises: every MatMul, with a scale per output column; not the patch-embedding Conv:
-# onnxruntime's ConvInteger took ViT-B-32-256 on the AVX-512 VNNI EPYC from 42-50 to 34-38 img/s, and
-# 21.3 to 19.7 on the AVX2-only one (fp32 Conv is 7 % of the int8 tower's time). Per-channel scales:
-# the same img/s on the VNNI EPYC (43.5 / 43.9), 22.6 against 19.7 per-tensor on the AVX2 one, a
-# closer mean cosine to fp32 (0.99990 / 0.99986).
-INT8_OP_TYPES = ["MatMul"]
+EXPORT_FORMAT = 3  # 2: the meta records the preprocessing (onnxencoder.py); 3: onnxcache.quantize_int8's int8
 FP32_FILE, MODEL_FILE = "image-fp32.onnx", "image.onnx"
 FP32_TOLERANCE = 1e-3  # max |onnx - torch| over normalised probe vectors
 INT8_MIN_COSINE = 0.99  # mean cosine(onnx int8, torch fp32) over the probe batch
@@ -139,10 +142,7 @@ def _export(encoder, variant: str, staging: Path) -> dict:
     fp32_path = staging / (FP32_FILE if variant != "fp32" else MODEL_FILE)
     export_method(encoder.model, "encode_image", probe[:1], fp32_path, "pixels")
     if variant == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(fp32_path), str(staging / MODEL_FILE), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=INT8_OP_TYPES, per_channel=True)
+        quantize_int8(fp32_path, staging / MODEL_FILE)
         fp32_path.unlink()
     want = encoder.encode_pixels(probe)
     got = OnnxImageTower(ort_session(staging / MODEL_FILE), variant).encode(probe.numpy())

@@ -34,6 +34,7 @@ from .onnxcache import (
     model_key,
     ort_session,
     publish,
+    quantize_int8,
     read_meta,
     save_ort_format,
 )
@@ -61,10 +62,7 @@ def enabled() -> bool:
 
 
 CAPTION_INT8_MIN_COSINE = 0.99  # mean cosine(int8 caption tower, torch fp32) over the probe texts
-# The caption tower's int8, as the image tower's (imageonnx.INT8_OP_TYPES): weight MatMuls only (the token
-# embedding Gather stays fp32), a scale per output column. Its cache name changes with these settings.
-CAPTION_INT8_OPS = ["MatMul"]
-CAPTION_INT8_KEY = "int8-matmul-per-channel"
+CAPTION_INT8_KEY = "int8-matmul-per-channel"  # the int8 caption export's cache name: new with quantize_int8's settings
 
 
 def export_folder(ref: ModelRef, variant: str = "fp32", export_format: int = EXPORT_FORMAT) -> Path:
@@ -328,7 +326,6 @@ def usable_caption_int8(ref: ModelRef, dim: int) -> Path | None | bool:
 
 def _export_int8(encoder, staging: Path) -> dict:
     import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     context_length = _plain_clip_context_length(encoder.tokenizer)
     verdict = {"format": EXPORT_FORMAT, "model": encoder.ref.label(), "variant": "int8", "dim": encoder.dim}
@@ -338,8 +335,7 @@ def _export_int8(encoder, staging: Path) -> dict:
     tokens = tokenizer(PROBE_TEXTS[:2])
     fp32 = staging / "text-fp32.onnx"
     _export_prefix(encoder.model, torch.from_numpy(tokens[:, : _prefix_length(tokens)]), fp32)
-    quantize_dynamic(str(fp32), str(staging / ONNX_FILE), weight_type=QuantType.QInt8,
-                     op_types_to_quantize=CAPTION_INT8_OPS, per_channel=True)
+    quantize_int8(fp32, staging / ONNX_FILE)
     fp32.unlink()
     meta = {**verdict, "context_length": tokenizer.context_length, "trim": True}
     want, *got = _probe_export(encoder, staging, meta)
