@@ -24,6 +24,7 @@ from PIL import Image
 
 from .config import PACKAGE_DIR, SHIPPED_MODELS_DIR, ModelRef
 from .errors import ModelLoadError
+from .shortcut import class_token_forward
 
 if TYPE_CHECKING:
     from .onnxencoder import OnnxEncoder
@@ -69,6 +70,7 @@ class Encoder:
         self.dim = int(_embed_dim(model))
         self.image_tower = None  # an imageonnx.OnnxImageTower when loaded with runtime="onnx"
         self.caption_encoder = None  # textonnx's int8 caption tower with runtime="onnx", quantize="int8"
+        self._shortcut: tuple | None = None  # (the visual tower it was checked on, its forward or None)
         size = model.visual.image_size
         self.input_side = int(min(size) if isinstance(size, (tuple, list)) else size)  # decode images to >= this
 
@@ -89,7 +91,15 @@ class Encoder:
         """Encode an already-preprocessed batch (N, 3, H, W)."""
         if self.image_tower is not None:
             return self.image_tower.encode(pixels.numpy())
-        return _normalise([self.model.encode_image(pixels).float()], self.dim)
+        return _normalise([self._image_forward(pixels).float()], self.dim)
+
+    def _image_forward(self, pixels: torch.Tensor):
+        """model.encode_image(pixels), through shortcut.py's class-token path where it applies: checked
+        on the first batch, again whenever the visual tower is replaced (torch int8 replaces it)."""
+        visual = self.model.visual
+        if self._shortcut is None or self._shortcut[0] is not visual:
+            self._shortcut = (visual, class_token_forward(self.model, pixels[:2]))
+        return (self._shortcut[1] or self.model.encode_image)(pixels)
 
     def submit_pixels(self, pixels: torch.Tensor) -> Callable[[], np.ndarray]:
         """Start encoding a batch; returns a function that waits for its vectors. The ONNX tower runs

@@ -29,12 +29,15 @@ from .onnxcache import (
     quantize_int8,
     read_meta,
 )
+from .shortcut import class_token_forward
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnx")
 VARIANTS = ("fp32", "int8")
-EXPORT_FORMAT = 3  # 2: the meta records the preprocessing (onnxencoder.py); 3: onnxcache.quantize_int8's int8
+# 2: the meta records the preprocessing (onnxencoder.py); 3: onnxcache.quantize_int8's int8;
+# 4: the last block for the class token alone (shortcut.py)
+EXPORT_FORMAT = 4
 FP32_FILE, MODEL_FILE = "image-fp32.onnx", "image.onnx"
 FP32_TOLERANCE = 1e-3  # max |onnx - torch| over normalised probe vectors
 INT8_MIN_COSINE = 0.99  # mean cosine(onnx int8, torch fp32) over the probe batch
@@ -140,7 +143,8 @@ def _export(encoder, variant: str, staging: Path) -> dict:
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     probe = torch.from_numpy(np.random.default_rng(0).standard_normal((PROBE_BATCH, 3, *size), dtype=np.float32))
     fp32_path = staging / (FP32_FILE if variant != "fp32" else MODEL_FILE)
-    export_method(encoder.model, "encode_image", probe[:1], fp32_path, "pixels")
+    shortcut = class_token_forward(encoder.model, probe[:2])
+    export_method(encoder.model, shortcut or "encode_image", probe[:1], fp32_path, "pixels")
     if variant == "int8":
         quantize_int8(fp32_path, staging / MODEL_FILE)
         fp32_path.unlink()
@@ -157,5 +161,6 @@ def _export(encoder, variant: str, staging: Path) -> dict:
     config = getattr(encoder.preprocess, "config", None)  # pixels.FastPreprocess: rebuilt without open_clip
     return {"format": EXPORT_FORMAT, "model": encoder.ref.label(), "variant": variant, "dim": encoder.dim,
             "input_side": encoder.input_side, "preprocess": config() if config else None,
-            "probe_mean_cosine": cosine, "probe_max_abs_diff": max_diff}
+            "probe_mean_cosine": cosine, "probe_max_abs_diff": max_diff,
+            "class_token_shortcut": shortcut is not None}
 

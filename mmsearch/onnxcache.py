@@ -123,8 +123,10 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
                      op_types_to_quantize=INT8_OP_TYPES, per_channel=True)
 
 
-def export_method(model, method: str, example, path: Path, input_name: str, output_name: str = "vectors") -> None:
-    """Export `model.<method>(x)` (encode_text / encode_image) to ONNX with a dynamic batch axis."""
+def export_method(model, method: str | Callable, example, path: Path, input_name: str,
+                  output_name: str = "vectors") -> None:
+    """Export `model.<method>(x)` (encode_text / encode_image), or method(x) for a function of the
+    model's modules (shortcut.class_token_forward), to ONNX with a dynamic batch axis."""
     import torch
 
     class Tower(torch.nn.Module):
@@ -133,7 +135,7 @@ def export_method(model, method: str, example, path: Path, input_name: str, outp
             self.model = model
 
         def forward(self, x):
-            return getattr(self.model, method)(x)
+            return (method if callable(method) else getattr(self.model, method))(x)
 
     # grad on: nn.MultiheadAttention's fused inference kernel has no ONNX export, the plain path does
     with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():

@@ -44,6 +44,7 @@ def test_onnx_tower_agrees_with_torch(tiny_encoder, pixels, tmp_path, monkeypatc
     (folder,) = (tmp_path / "cache" / "image-onnx").iterdir()
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["variant"] == variant and meta["probe_mean_cosine"] >= min_cosine
+    assert meta["class_token_shortcut"] is True  # the tiny model is a ViT with class-token pooling
     mtime = (folder / "image.onnx").stat().st_mtime_ns
     imageonnx.image_tower(tiny_encoder, variant)  # cached: not exported again
     assert (folder / "image.onnx").stat().st_mtime_ns == mtime
