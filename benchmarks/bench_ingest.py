@@ -158,12 +158,16 @@ def matmul_gflops(size: int = 2048, repeat: int = 5) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def encoder_flops(model, image_size: int) -> float:
+def encoder_flops(encoder, image_size: int) -> float:
+    """FLOPs per image of the forward the encoder runs (with shortcut.py's class-token path: ~7 % fewer
+    than encode_image for ViT-B-32)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    pixel = torch.zeros(1, 3, image_size, image_size)
+    encoder.encode_pixels(pixel)  # its first batch also checks the shortcut against encode_image
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model.encode_image(torch.zeros(1, 3, image_size, image_size))
+        encoder.encode_pixels(pixel)
     return float(counter.get_total_flops())
 
 
@@ -234,7 +238,7 @@ def speed(args, tmp: Path) -> dict:
               flush=True)
     ips = {k: n / statistics.median(v) for k, v in runs.items()}
     cpu_ms = {k: 1000 * statistics.median(v) / n for k, v in cpu.items()}
-    flops = encoder_flops(fp32.model, pixels.shape[-1])
+    flops = encoder_flops(fp32, pixels.shape[-1])
     captions = caption_encoding(fp32, repeat)
     return {"model": args.model + (f" --pretrained {args.pretrained}" if args.pretrained else ""), "images": n,
             "captions": bool(args.captions),
