@@ -22,6 +22,7 @@ from .errors import ModelLoadError
 from .onnxcache import (
     cache_root,
     export_method,
+    int8_flavour,
     l2_normalised,
     model_key,
     ort_session,
@@ -103,7 +104,8 @@ class OnnxImageTower:
 
 
 def export_folder(ref, variant: str) -> Path:
-    return cache_root("image-onnx") / model_key(ref, "image", EXPORT_FORMAT, variant)
+    flavour = (int8_flavour(),) if variant == "int8" else ()  # 7- or 8-bit weights: per machine
+    return cache_root("image-onnx") / model_key(ref, "image", EXPORT_FORMAT, variant, *flavour)
 
 
 def cached_image_tower(ref, variant: str) -> tuple[OnnxImageTower, dict] | None:
@@ -162,5 +164,6 @@ def _export(encoder, variant: str, staging: Path) -> dict:
     return {"format": EXPORT_FORMAT, "model": encoder.ref.label(), "variant": variant, "dim": encoder.dim,
             "input_side": encoder.input_side, "preprocess": config() if config else None,
             "probe_mean_cosine": cosine, "probe_max_abs_diff": max_diff,
-            "class_token_shortcut": shortcut is not None}
+            "class_token_shortcut": shortcut is not None,
+            "int8_weight_bits": (7 if int8_flavour() == "w7" else 8) if variant == "int8" else None}
 

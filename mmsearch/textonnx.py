@@ -30,6 +30,7 @@ from .onnxcache import (
     META_FILE,
     cache_root,
     export_method,
+    int8_flavour,
     l2_normalised,
     model_key,
     ort_session,
@@ -67,7 +68,7 @@ CAPTION_INT8_KEY = "int8-matmul-per-channel"  # the int8 caption export's cache 
 
 def export_folder(ref: ModelRef, variant: str = "fp32", export_format: int = EXPORT_FORMAT) -> Path:
     """fp32: the query tower; int8: the dynamically quantised caption tower (export_caption_int8)."""
-    extra = () if variant == "fp32" else (CAPTION_INT8_KEY if variant == "int8" else variant,)
+    extra = () if variant == "fp32" else (f"{CAPTION_INT8_KEY}-{int8_flavour()}" if variant == "int8" else variant,)
     return cache_root("text-onnx") / model_key(ref, "text", export_format, *extra)
 
 

@@ -12,3 +12,15 @@ def assert_weight_matmuls_int8_per_channel(graph) -> list[str]:
         if node.op_type == "MatMulInteger":  # inputs: A, B, A's zero point, B's zero point (one per column)
             assert shapes[node.input[3]] == shapes[node.input[1]][1:] and shapes[node.input[1]][1] > 1
     return ops
+
+
+def int8_weight_peak(graph) -> int:
+    """The largest |value| among the int8 weights of the graph's MatMulInteger nodes (127 when 8 bits are
+    used, 64 at most with onnxruntime's reduce_range)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    weights = {init.name: init for init in graph.initializer}
+    peaks = [int(np.abs(numpy_helper.to_array(weights[n.input[1]]).astype(np.int16)).max())
+             for n in graph.node if n.op_type == "MatMulInteger"]
+    return max(peaks)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from int8_graph import assert_weight_matmuls_int8_per_channel
+from int8_graph import assert_weight_matmuls_int8_per_channel, int8_weight_peak
 from PIL import Image
 
 from mmsearch import imageonnx
@@ -59,6 +59,46 @@ def test_int8_keeps_the_patch_conv_in_fp32_and_quantises_every_matmul_per_channe
     (folder,) = (tmp_path / "cache" / "image-onnx").iterdir()
     ops = assert_weight_matmuls_int8_per_channel(onnx.load(str(folder / "image.onnx")).graph)
     assert "Conv" in ops and "ConvInteger" not in ops  # onnxruntime's ConvInteger is slower than fp32 Conv
+
+
+@pytest.mark.parametrize("reduce_range,bits,peak", [(True, 7, 64), (False, 8, 127)])
+def test_int8_weights_are_7_bit_where_the_cpu_has_no_int8_dot_product(tiny_encoder, tmp_path, monkeypatch,
+                                                                       reduce_range, bits, peak):
+    """Without VNNI/AMX onnxruntime's int8 kernel sums pairs of products in int16 and saturates on
+    8-bit weights: those machines export 7-bit weights, into a cache folder of their own."""
+    import onnx
+
+    from mmsearch import onnxcache
+
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnxcache, "int8_reduce_range", lambda: reduce_range)
+    imageonnx.image_tower(tiny_encoder, "int8")
+    (folder,) = (tmp_path / "cache" / "image-onnx").iterdir()
+    assert folder == imageonnx.export_folder(tiny_encoder.ref, "int8")
+    assert json.loads((folder / "meta.json").read_text())["int8_weight_bits"] == bits
+    graph = onnx.load(str(folder / "image.onnx")).graph
+    assert int8_weight_peak(graph) == peak if not reduce_range else int8_weight_peak(graph) <= peak
+    monkeypatch.setattr(onnxcache, "int8_reduce_range", lambda: not reduce_range)
+    assert imageonnx.export_folder(tiny_encoder.ref, "int8") != folder  # the other width: another export
+
+
+@pytest.mark.parametrize("machine,flags,reduce", [
+    ("x86_64", "fpu sse2 avx2 fma", True),  # AVX2 only
+    ("x86_64", "fpu avx2 avx512f avx512_vnni", False),
+    ("x86_64", "fpu avx2 avx_vnni", False),
+    ("x86_64", "fpu avx2 amx_tile amx_int8", False),
+    ("aarch64", "fp asimd", False),  # Arm's dot products accumulate in 32 bits
+])
+def test_int8_reduce_range_reads_the_cpu_flags(tmp_path, monkeypatch, machine, flags, reduce):
+    import platform
+
+    from mmsearch import onnxcache
+
+    cpuinfo = tmp_path / f"cpuinfo-{machine}-{len(flags)}"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    assert onnxcache.int8_reduce_range(cpuinfo) is reduce
+    assert onnxcache.int8_reduce_range(tmp_path / "missing") is (machine == "x86_64")  # unknown x86: 7 bits
 
 
 def test_int8_that_drifts_too_far_is_refused(tiny_encoder, tmp_path, monkeypatch):
