@@ -95,10 +95,12 @@ class Encoder:
 
     def _image_forward(self, pixels: torch.Tensor):
         """model.encode_image(pixels), through shortcut.py's class-token path where it applies: checked
-        on the first batch, again whenever the visual tower is replaced (torch int8 replaces it)."""
+        on the first batch's first image (one image: a cold image query pays two extra forwards of
+        one picture, not of its whole batch), again whenever the visual tower is replaced (torch int8
+        replaces it)."""
         visual = self.model.visual
         if self._shortcut is None or self._shortcut[0] is not visual:
-            self._shortcut = (visual, class_token_forward(self.model, pixels[:2]))
+            self._shortcut = (visual, class_token_forward(self.model, pixels[:1]))
         return (self._shortcut[1] or self.model.encode_image)(pixels)
 
     def submit_pixels(self, pixels: torch.Tensor) -> Callable[[], np.ndarray]:

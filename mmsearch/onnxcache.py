@@ -143,12 +143,11 @@ def int8_flavour() -> str:
     return "w7" if int8_reduce_range() else "w8"
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, reduce_range: bool | None = None) -> None:
+def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    reduce_range = int8_reduce_range() if reduce_range is None else reduce_range
     quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8,
-                     op_types_to_quantize=INT8_OP_TYPES, per_channel=True, reduce_range=reduce_range)
+                     op_types_to_quantize=INT8_OP_TYPES, per_channel=True, reduce_range=int8_reduce_range())
 
 
 def export_method(model, method: str | Callable, example, path: Path, input_name: str,
