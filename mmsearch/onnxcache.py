@@ -81,6 +81,9 @@ def publish(folder: Path, build: Callable[[Path], dict | None]) -> Path | None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+SPIN_STOP_KEY = "session.force_spinning_stop"
+
+
 def ort_session(path: Path, fast_start: bool = False, threads: int | None = None):
     """fast_start: no graph optimisation at load (for files from save_ort_format: what a one-query
     process wants); otherwise all of them (what a long encoding run wants). threads: intra-op threads
@@ -90,6 +93,12 @@ def ort_session(path: Path, fast_start: bool = False, threads: int | None = None
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
     options.log_severity_level = 3
+    # Worker threads spin between the ops of a run (fast hand-offs), then by default go on spinning
+    # after it returns, on the cores the caller's next step needs: a warm query's FAISS search and row
+    # read right after the text encoder (1M items, AVX2 EPYC, 3 alternating runs of 81 queries each)
+    # took 1.59 / 1.63 / 1.75 ms over the bare encoder, and 1.42 / 1.14 / 1.20 ms with spinning
+    # stopped at the end of each run. The encoder's own time did not change.
+    options.add_session_config_entry(SPIN_STOP_KEY, "1")
     if fast_start:  # an .ort file saved by save_ort_format is already optimised
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -58,6 +58,14 @@ def test_export_matches_torch_and_is_reused(exported, tiny_encoder):
     assert (exported / "text.ort").stat().st_mtime_ns == mtime
 
 
+def test_query_session_stops_its_threads_spinning_after_each_run(exported, tiny_encoder):
+    # a warm query's index search and row read run right after the encoder, on the same cores
+    session = textonnx.load_fast_text_encoder(tiny_encoder.ref, tiny_encoder.dim).session
+    options = session.get_session_options()
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert options.intra_op_num_threads == (os.cpu_count() or 1)
+
+
 def test_export_takes_any_length_and_queries_run_only_their_prefix(exported, tiny_encoder):
     assert json.loads((exported / "meta.json").read_text())["trim"] is True
     fast = textonnx.load_fast_text_encoder(tiny_encoder.ref, tiny_encoder.dim)
