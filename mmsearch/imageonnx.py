@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("torch", "onnx")
 VARIANTS = ("fp32", "int8")
 # 2: the meta records the preprocessing (onnxencoder.py); 3: onnxcache.quantize_int8's int8;
-# 4: the last block for the class token alone (shortcut.py)
-EXPORT_FORMAT = 4
+# 4: the last block for the class token alone (shortcut.py); 5: attention as one contrib operator
+# (fusedattention.py)
+EXPORT_FORMAT = 5
 FP32_FILE, MODEL_FILE = "image-fp32.onnx", "image.onnx"
 FP32_TOLERANCE = 1e-3  # max |onnx - torch| over normalised probe vectors
 INT8_MIN_COSINE = 0.99  # mean cosine(onnx int8, torch fp32) over the probe batch
@@ -145,12 +146,11 @@ def _export(encoder, variant: str, staging: Path) -> dict:
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     probe = torch.from_numpy(np.random.default_rng(0).standard_normal((PROBE_BATCH, 3, *size), dtype=np.float32))
     fp32_path = staging / (FP32_FILE if variant != "fp32" else MODEL_FILE)
-    shortcut = class_token_forward(encoder.model, probe[:2])
-    export_method(encoder.model, shortcut or "encode_image", probe[:1], fp32_path, "pixels")
+    want = encoder.encode_pixels(probe)
+    form = _export_fp32(encoder, probe, want, fp32_path)
     if variant == "int8":
         quantize_int8(fp32_path, staging / MODEL_FILE)
         fp32_path.unlink()
-    want = encoder.encode_pixels(probe)
     got = OnnxImageTower(ort_session(staging / MODEL_FILE), variant).encode(probe.numpy())
     cosine = float((got * want).sum(axis=1).mean())
     max_diff = float(np.abs(got - want).max())
@@ -164,6 +164,27 @@ def _export(encoder, variant: str, staging: Path) -> dict:
     return {"format": EXPORT_FORMAT, "model": encoder.ref.label(), "variant": variant, "dim": encoder.dim,
             "input_side": encoder.input_side, "preprocess": config() if config else None,
             "probe_mean_cosine": cosine, "probe_max_abs_diff": max_diff,
-            "class_token_shortcut": shortcut is not None,
+            "class_token_shortcut": form != "plain", "fused_attention": form == "fused attention",
             "int8_weight_bits": (7 if int8_flavour() == "w7" else 8) if variant == "int8" else None}
 
+
+def _export_fp32(encoder, probe, want: np.ndarray, path: Path) -> str:
+    """Export the fp32 tower in the fastest form that applies and agrees with torch: the class-token
+    shortcut with fused attention, the shortcut alone, the plain forward. Returns the form."""
+    from .fusedattention import OPSETS
+
+    fused = class_token_forward(encoder.model, probe[:2], fused_attention=True)
+    if fused is not None:
+        try:
+            export_method(encoder.model, fused, probe[:1], path, "pixels", custom_opsets=OPSETS)
+            got = OnnxImageTower(ort_session(path), "fp32").encode(probe.numpy())
+            max_diff = float(np.abs(got - want).max())
+            if max_diff <= FP32_TOLERANCE:
+                return "fused attention"
+            log.warning("fused-attention export of %s differs from torch by %.2g; exporting plain attention",
+                        encoder.ref.label(), max_diff)
+        except Exception as exc:  # an onnxruntime without the contrib operator: the plain graph still works
+            log.warning("fused-attention export of %s failed (%s); exporting plain attention", encoder.ref.label(), exc)
+    shortcut = class_token_forward(encoder.model, probe[:2])
+    export_method(encoder.model, shortcut or "encode_image", probe[:1], path, "pixels")
+    return "class-token shortcut" if shortcut is not None else "plain"

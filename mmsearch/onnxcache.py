@@ -160,9 +160,10 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
 
 
 def export_method(model, method: str | Callable, example, path: Path, input_name: str,
-                  output_name: str = "vectors") -> None:
+                  output_name: str = "vectors", custom_opsets: dict | None = None) -> None:
     """Export `model.<method>(x)` (encode_text / encode_image), or method(x) for a function of the
-    model's modules (shortcut.class_token_forward), to ONNX with a dynamic batch axis."""
+    model's modules (shortcut.class_token_forward), to ONNX with a dynamic batch axis.
+    custom_opsets: {domain: version} of the contrib operators the method writes (fusedattention)."""
     import torch
 
     class Tower(torch.nn.Module):
@@ -178,6 +179,7 @@ def export_method(model, method: str | Callable, example, path: Path, input_name
         warnings.simplefilter("ignore")  # tracer notes on shape checks; callers compare outputs with torch
         torch.onnx.export(Tower().eval(), (example,), str(path), input_names=[input_name],
                           output_names=[output_name], opset_version=17, dynamo=False,
+                          custom_opsets=custom_opsets or {},
                           dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
 
 

@@ -21,14 +21,26 @@ log = logging.getLogger(__name__)
 TOLERANCE = 1e-4  # max |shortcut - encode_image| over a probe batch's unnormalised vectors, relative
 
 
-def class_token_forward(model, probe):
+def class_token_forward(model, probe, fused_attention: bool = False):
     """A function pixels -> unnormalised image vectors equal to model.encode_image's, through the
-    class-token shortcut; None where it does not apply to this model or disagrees on `probe`."""
+    class-token shortcut; None where it does not apply to this model or disagrees on `probe`.
+    fused_attention: every block's attention through fusedattention.attend (for an ONNX export);
+    None where a block's attention is not one it reproduces."""
     import torch
 
     if not _applies(model):
         return None
-    forward = _class_token_forward(model.visual)
+    attend = _torch_attend
+    if fused_attention:
+        from open_clip.transformer import ResidualAttentionBlock
+
+        from . import fusedattention
+
+        if not all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv")
+                   and fusedattention.applies(b.attn) for b in model.visual.transformer.resblocks):
+            return None
+        attend = fusedattention.attend
+    forward = _class_token_forward(model.visual, attend)
     with torch.inference_mode():
         want, got = model.encode_image(probe), forward(probe)
     error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
@@ -54,22 +66,32 @@ def _applies(model) -> bool:
             and last.attn.batch_first)
 
 
-def _class_token_forward(visual):
+def _class_token_forward(visual, attend):
     blocks = visual.transformer.resblocks
 
     def forward(pixels):
         x = visual._embeds(pixels)
         for block in blocks[:-1]:
-            x = block(x)
-        pooled, _ = visual._pool(_class_token_block(blocks[-1], x))
+            x = block(x) if attend is _torch_attend else _block(block, x, attend)
+        pooled, _ = visual._pool(_class_token_block(blocks[-1], x, attend))
         return pooled @ visual.proj if visual.proj is not None else pooled
 
     return forward
 
 
-def _class_token_block(block, x):
+def _torch_attend(attn, queries, keys_values):
+    return attn(queries, keys_values, keys_values, need_weights=False)[0]
+
+
+def _block(block, x, attend):
+    """block(x), open_clip's ResidualAttentionBlock.forward without a mask, attention by `attend`."""
+    normed = block.ln_1(x)
+    x = x + block.ls_1(attend(block.attn, normed, normed))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _class_token_block(block, x, attend):
     """block(x)[:, :1]: the class token's row of a residual attention block, attending to every row."""
     normed = block.ln_1(x)
-    attended = block.attn(normed[:, :1], normed, normed, need_weights=False)[0]
-    row = x[:, :1] + block.ls_1(attended)
+    row = x[:, :1] + block.ls_1(attend(block.attn, normed[:, :1], normed))
     return row + block.ls_2(block.mlp(block.ln_2(row)))

@@ -45,6 +45,7 @@ def test_onnx_tower_agrees_with_torch(tiny_encoder, pixels, tmp_path, monkeypatc
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["variant"] == variant and meta["probe_mean_cosine"] >= min_cosine
     assert meta["class_token_shortcut"] is True  # the tiny model is a ViT with class-token pooling
+    assert meta["fused_attention"] is True  # ... with plain attention blocks
     mtime = (folder / "image.onnx").stat().st_mtime_ns
     imageonnx.image_tower(tiny_encoder, variant)  # cached: not exported again
     assert (folder / "image.onnx").stat().st_mtime_ns == mtime
@@ -59,6 +60,27 @@ def test_int8_keeps_the_patch_conv_in_fp32_and_quantises_every_matmul_per_channe
     (folder,) = (tmp_path / "cache" / "image-onnx").iterdir()
     ops = assert_weight_matmuls_int8_per_channel(onnx.load(str(folder / "image.onnx")).graph)
     assert "Conv" in ops and "ConvInteger" not in ops  # onnxruntime's ConvInteger is slower than fp32 Conv
+    assert "MultiHeadAttention" in ops  # queries, keys and values: int8 projections into the fused operator
+
+
+def test_an_onnxruntime_without_the_fused_operator_gets_the_plain_attention(tiny_encoder, pixels, tmp_path,
+                                                                          monkeypatch, caplog):
+    """An operator the runtime cannot load (standing in for an onnxruntime without the contrib op):
+    the export falls back to plain attention, still with the class-token shortcut, still exact."""
+    from mmsearch import fusedattention
+
+    def unknown_operator(g, q, k, v, heads):
+        return g.op("com.microsoft::NoSuchAttention", q, k, v, num_heads_i=heads)
+
+    monkeypatch.setattr(fusedattention._MultiHeadAttention, "symbolic", staticmethod(unknown_operator))
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    tower = imageonnx.image_tower(tiny_encoder, "fp32")
+    np.testing.assert_allclose(tower.encode(pixels.numpy()), tiny_encoder.encode_pixels(pixels),
+                               atol=imageonnx.FP32_TOLERANCE)
+    (folder,) = (tmp_path / "cache" / "image-onnx").iterdir()
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["fused_attention"] is False and meta["class_token_shortcut"] is True
+    assert "fused-attention export of mmsearch-tiny" in caplog.text and "NoSuchAttention" in caplog.text
 
 
 @pytest.mark.parametrize("reduce_range,bits,peak", [(True, 7, 64), (False, 8, 127)])

@@ -80,3 +80,40 @@ def test_encoder_uses_the_shortcut_and_checks_it_again_on_a_new_tower():
     got = encoder.encode_pixels(batch)
     assert encoder._shortcut[0] is encoder.model.visual
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_attention_forward_equals_encode_image_and_writes_one_operator_per_block(vit, tmp_path):
+    import onnx
+
+    from mmsearch import fusedattention
+    from mmsearch.onnxcache import export_method
+
+    forward = class_token_forward(vit, pixels(vit, 2), fused_attention=True)
+    assert forward is not None
+    fresh = pixels(vit, 3)
+    with torch.inference_mode():
+        torch.testing.assert_close(forward(fresh), vit.encode_image(fresh), rtol=1e-5, atol=1e-6)
+    path = tmp_path / "tower.onnx"
+    export_method(vit, forward, fresh[:1], path, "pixels", custom_opsets=fusedattention.OPSETS)
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("MultiHeadAttention") == len(vit.visual.transformer.resblocks)
+    # the per-head work is all inside the operator: the one Transpose left is the patch grid's
+    assert "Softmax" not in ops and ops.count("Transpose") == 1
+
+
+@pytest.mark.parametrize("change", ["add_zero_attn", "bias_k"])
+def test_fused_attention_declines_an_attention_it_does_not_reproduce(vit, monkeypatch, change):
+    attn = vit.visual.transformer.resblocks[0].attn
+    if change == "add_zero_attn":
+        monkeypatch.setattr(attn, "add_zero_attn", True)
+    else:
+        monkeypatch.setattr(attn, "bias_k", torch.nn.Parameter(torch.zeros(1, 1, attn.embed_dim)))
+    assert class_token_forward(vit, pixels(vit, 2), fused_attention=True) is None
+
+
+def test_fused_attention_that_computes_something_else_is_caught_by_the_probe(vit, monkeypatch):
+    from mmsearch import fusedattention
+
+    monkeypatch.setattr(fusedattention, "attend", lambda attn, q, kv: attn.out_proj(q))  # no attention at all
+    assert class_token_forward(vit, pixels(vit, 2), fused_attention=True) is None
+    assert class_token_forward(vit, pixels(vit, 2)) is not None  # the plain shortcut is unaffected
