@@ -57,6 +57,24 @@ def test_a_key_twice_in_one_batch_keeps_the_last(store):
     np.testing.assert_array_equal(store.vectors([ids["a"]], "image", DIM)[ids["a"]], vec(2))
 
 
+def test_items_reads_the_same_rows_for_a_page_of_ids_and_for_many(store):
+    """A page of hits binds one parameter per id, more ids go through json_each: the same rows,
+    duplicates once, missing ids left out, numpy ids taken."""
+    from mmsearch.store import FEW_IDS
+
+    ids = store.write_batch([record(f"k{n}", caption=f"c{n}", meta={"n": n}, image=vec(n))
+                             for n in range(FEW_IDS + 8)])
+    by_key = {key: store.items([i])[i] for key, i in ids.items()}  # one id at a time
+    assert {key: row.caption for key, row in by_key.items()} == {f"k{n}": f"c{n}" for n in range(FEW_IDS + 8)}
+    page = [ids["k3"], ids["k1"], ids["k3"], 10**9]  # a duplicate and an id that does not exist
+    assert store.items(page) == {ids["k3"]: by_key["k3"], ids["k1"]: by_key["k1"]}
+    page = np.array(list(ids.values())[:FEW_IDS], dtype=np.int64)  # exactly FEW_IDS: the bound path
+    key_of = {i: key for key, i in ids.items()}
+    assert store.items(page) == {int(i): by_key[key_of[int(i)]] for i in page}
+    assert store.items(list(ids.values()) + [10**9]) == {ids[k]: row for k, row in by_key.items()}
+    assert store.items([]) == {}
+
+
 def test_a_batch_larger_than_sqlite_variable_limit(store):
     n = 2100  # more than the 900-key chunks and SQLite's old 999-variable limit
     ids = store.write_batch([record(f"k{i}", image=vec(i)) for i in range(n)])
