@@ -21,6 +21,7 @@ import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -154,12 +155,23 @@ class IdFilter:
         return kept
 
 
+class _Walk(NamedTuple):
+    """What an unfiltered hnsw search reuses (VectorIndex._walk)."""
+
+    key: tuple  # (ntotal, efSearch) it was built for
+    hnsw: faiss.IndexHNSW
+    ids: np.ndarray  # position -> id: a view of the index's id map
+    sign: float  # multiplies similarities into FAISS's hnsw distances
+    params: faiss.SearchParametersHNSW  # efSearch set, no selector
+
+
 class VectorIndex:
     def __init__(self, index: faiss.Index, params: IndexParams):
         self.index = index
         self.params = params
         # (ntotal, positions, vectors, the vectors in an exact index): see _search_from_entries
         self._entries: tuple[int, np.ndarray, np.ndarray, faiss.IndexFlatIP] | None = None
+        self._walk_state: _Walk | None = None  # see _walk
         self._apply_search_params()
 
     @property
@@ -217,6 +229,7 @@ class VectorIndex:
         ids = faiss.vector_to_array(self.index.id_map)
         self._hnsw().permute_entries(order)
         faiss.copy_array_to_vector(ids[order], self.index.id_map)
+        self._walk_state = None  # its id map view may point at the old buffer
         if entries is not None:
             moved_to = np.empty_like(order)
             moved_to[order] = np.arange(len(order))
@@ -234,15 +247,17 @@ class VectorIndex:
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None):
         """(scores, ids) of shape (Q, k); missing slots have id -1."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        k = max(1, min(k, self.ntotal)) if self.ntotal else 1
+        n = self.ntotal
+        k = max(1, min(k, n)) if n else 1
         id_filter = IdFilter(allowed) if allowed is not None else None  # held until FAISS is done with it
         with _one_thread_if(len(queries) == 1):
-            if self.params.entry_sample and self.ntotal:
-                return self._search_from_entries(queries, k, id_filter)
+            if self.params.entry_sample and n:
+                return self._search_from_entries(queries, k, id_filter, n)
             params = self._search_parameters(id_filter)
             return self.index.search(queries, k, params=params) if params else self.index.search(queries, k)
 
-    def _search_from_entries(self, queries: np.ndarray, k: int, id_filter: IdFilter | None = None):
+    def _search_from_entries(self, queries: np.ndarray, k: int, id_filter: IdFilter | None = None,
+                             n: int | None = None):
         """HNSW search of the bottom graph level, started at the query's nearest vector of a fixed sample.
 
         Why: FAISS descends the upper levels greedily from one entry point, and on clustered vectors
@@ -254,26 +269,23 @@ class VectorIndex:
         walk goes through items the filter drops and returns only those it keeps. (Starting at the
         nearest sampled vector the filter keeps did worse, 1M items, filters keeping half, a tenth
         or a region of 5 %: recall@10 0.998 / 0.980 / 0.978 against 0.998 / 0.997 / 0.988.)"""
-        hnsw = self._hnsw()
-        positions, _ = self._entry_sample()
+        n = self.ntotal if n is None else n
+        walk = self._walk(n)
+        hnsw, ids, search = walk.hnsw, walk.ids, walk.params
+        positions, _ = self._entry_sample(n)
         sample_index = self._entries[3]
-        ids = faiss.rev_swig_ptr(self.index.id_map.data(), self.index.id_map.size())  # a view, not a copy
-        search = faiss.SearchParametersHNSW()
-        search.efSearch = self.params.ef_search or hnsw.hnsw.efSearch
         translated = None  # SWIG keeps no reference to a selector set on the params: it must outlive the search
         if id_filter is not None:
+            search = faiss.SearchParametersHNSW()
             translated = faiss.IDSelectorTranslated(self.index.id_map, id_filter.selector)  # the walk asks by position
             search.sel = translated
-            search.efSearch = max(search.efSearch, FILTERED_EF_SEARCH)
+            search.efSearch = max(walk.params.efSearch, FILTERED_EF_SEARCH)
         # The query against the sample by FAISS, on the thread count search() set, not by numpy: its
         # OpenBLAS wakes a helper thread for this product, and on a busy machine about one single
         # query in ten then waited ~8 ms for it (0.03 ms otherwise).
         entry_sims, best = sample_index.search(queries, 1)
         entries = np.ascontiguousarray(positions[best[:, 0]], dtype=np.int32)
-        # Older FAISS releases negate inner products in HNSW (smaller is nearer), and the entries' must
-        # be negated too; newer ones keep similarities (hnsw.is_similarity). A wrong sign drops the entry.
-        sign = 1.0 if getattr(hnsw.hnsw, "is_similarity", False) else -1.0
-        entry_distances = np.ascontiguousarray(sign * entry_sims[:, 0], dtype=np.float32)
+        entry_distances = np.ascontiguousarray(walk.sign * entry_sims[:, 0], dtype=np.float32)
         scores = np.empty((len(queries), k), dtype=np.float32)
         found = np.empty((len(queries), k), dtype=np.int64)
         hnsw.search_level_0(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(entries),
@@ -305,11 +317,11 @@ class VectorIndex:
             scores[lost], found[lost] = storage.search(queries[lost], k, params=params)
         return lost
 
-    def _entry_sample(self) -> tuple[np.ndarray, np.ndarray]:
+    def _entry_sample(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(positions, vectors) of the entry sample: evenly spaced positions, so that in locality order
         every region of the catalog has its share. Read on the first search (from a memory-mapped
-        file: ENTRY_SAMPLE pages) and again once vectors were added."""
-        n = self.ntotal
+        file: ENTRY_SAMPLE pages) and again once vectors were added. n: ntotal, when the caller has it."""
+        n = self.ntotal if n is None else n
         if self._entries is None or self._entries[0] != n:
             positions = np.unique(np.linspace(0, n - 1, min(self.params.entry_sample, n)).astype(np.int64))
             vectors = np.ascontiguousarray(faiss.downcast_index(self._hnsw().storage).reconstruct_batch(positions),
@@ -318,6 +330,24 @@ class VectorIndex:
             sample_index.add(vectors)
             self._entries = (n, positions, vectors, sample_index)
         return self._entries[1], self._entries[2]
+
+    def _walk(self, n: int) -> _Walk:
+        """The objects every hnsw search reads, built once per (ntotal, efSearch): right after the text
+        encoder has flushed the caches each SWIG call costs tens of microseconds, and a warm query
+        made a dozen of them here."""
+        key = (n, self.params.ef_search)
+        walk = self._walk_state
+        if walk is None or walk.key != key:
+            hnsw = self._hnsw()
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = self.params.ef_search or hnsw.hnsw.efSearch
+            # Older FAISS releases negate inner products in HNSW (smaller is nearer), and the entries'
+            # must be negated too; newer ones keep similarities (is_similarity). A wrong sign drops the entry.
+            sign = 1.0 if getattr(hnsw.hnsw, "is_similarity", False) else -1.0
+            # a view of the id map, not a copy: an add moves it, and changes ntotal, so the key
+            ids = faiss.rev_swig_ptr(self.index.id_map.data(), self.index.id_map.size())
+            walk = self._walk_state = _Walk(key, hnsw, ids, sign, params)
+        return walk
 
     def _hnsw(self) -> faiss.IndexHNSW:
         return faiss.downcast_index(self.index.index)

@@ -404,3 +404,23 @@ def test_entry_sample_follows_added_vectors_and_old_params_search_plainly(data):
     plain = VectorIndex(index.index, IndexParams(**{**vars(index.params), "entry_sample": None}))
     queries = tuning_queries(x, 50, seed=4)
     np.testing.assert_array_equal(plain.search(queries, 10)[1], index.index.search(queries, 10)[1])
+
+
+def test_hnsw_search_state_follows_additions_and_a_new_ef_search(data):
+    """The objects an hnsw search reuses (the id map view among them) are rebuilt when vectors are
+    added (the id map may move) and when efSearch changes: new items are found under their own ids."""
+    import dataclasses
+
+    ids, x = data
+    index = VectorIndex.build(DIM, ids[:2000], x[:2000], "hnsw")
+    index.search(x[:5], 10)
+    cached = index._walk_state
+    assert cached is not None and cached.key[0] == 2000
+    new_ids = ids[2000:] + 1  # 4,000 more: the id map grows past its buffer
+    index.add(new_ids, x[2000:])
+    top1 = index.search(x[2000:2050], 1)[1][:, 0]
+    np.testing.assert_array_equal(top1, new_ids[:50])
+    assert index._walk_state is not cached and index._walk_state.key[0] == 6000
+    index.params = dataclasses.replace(index.params, ef_search=index.params.ef_search + 7)
+    index.search(x[:1], 10)
+    assert index._walk_state.params.efSearch == index.params.ef_search
