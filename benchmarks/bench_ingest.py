@@ -3,8 +3,9 @@
 Same model (ViT-B-32, random weights: speed only), same images, same batch size, medians of
 interleaved runs (so load changes hit all alike):
 - bare: the image encoder on pre-decoded, pre-processed batches, for each way `mmsearch index` can
-  encode: torch fp32, torch dynamic int8 (`--quantize int8`), ONNX Runtime fp32 (`--runtime onnx`) and
-  ONNX Runtime dynamic int8 (`--runtime onnx --quantize int8`), exported and checked by the library;
+  encode: torch fp32 (`--runtime torch`), torch dynamic int8 (`--runtime torch --quantize int8`), ONNX
+  Runtime fp32 (the default, `--runtime auto`, for this model) and ONNX Runtime dynamic int8
+  (`--quantize int8`), exported and checked by the library;
 - pipeline: mmsearch.ingest.ingest on the image folder (hash, decode with look-ahead, encode, SQLite
   rows + vectors per batch, FAISS publish), against its own bare encoder. torch: decode threads feed
   the encoder; ONNX Runtime: each stream thread decodes a slice of images, then encodes it;
@@ -180,6 +181,7 @@ VARIANTS = {  # name: (runtime, quantize)
 PIPELINES = {  # name: (variant, IngestOptions.workers: decode threads for torch, hashing only for ONNX)
     "pipeline torch fp32, 1 decode thread": ("torch fp32", 1),
     "pipeline torch fp32, 2 decode threads": ("torch fp32", 2),
+    "pipeline onnxruntime fp32 (default), decode on its streams": ("onnxruntime fp32", 2),
     "pipeline onnxruntime int8, decode on its streams": ("onnxruntime int8", 2),  # see ingest._in_stream_batches
 }
 AGREEMENT_MODEL = "mmsearch-fashion"  # trained weights, so top-10 agreement means something

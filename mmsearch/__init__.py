@@ -3,7 +3,13 @@
 The public API is imported lazily so that `mmsearch --help` and cold CLI queries stay fast.
 """
 
+import os
 from importlib import import_module
+
+# onnxruntime (1.2x and later) writes a device id and an event database under ~/.cache/Microsoft
+# whenever it loads a model, unless this is set before it is imported: mmsearch writes nothing outside
+# its index and its cache. A user who wants onnxruntime's telemetry sets ORT_DISABLE_TELEMETRY=0.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
 

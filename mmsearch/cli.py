@@ -82,8 +82,8 @@ def cli(verbose: int) -> None:
 @click.option("--pretrained", help="Weights: a tag, a local .safetensors/.pt file, or 'random' (tests only).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=0,
-              help="Decode and hashing threads (0 = one per core). With --runtime onnx, images are decoded "
-                   "on the encoder's streams (one per core) and these threads only hash.")
+              help="Decode and hashing threads (0 = one per core). When ONNX Runtime encodes, images are "
+                   "decoded on the encoder's streams (one per core) and these threads only hash.")
 @click.option("--delete/--no-delete", default=True, show_default=True,
               help="Remove indexed items that are no longer in the catalog.")
 @click.option("--index-type", type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]),
@@ -92,10 +92,12 @@ def cli(verbose: int) -> None:
 @click.option("--max-memory", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Memory budget in MiB for the automatic index choice.")
 @click.option("--wait", is_flag=True, help="Wait for another ingest on this index instead of failing.")
-@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
-              help="Run the image tower in PyTorch or in ONNX Runtime (exported and checked once per model).")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Encode images with a dynamic int8 tower (with "
-              "--runtime onnx, captions too): faster on CPU (most with --runtime onnx), vectors move slightly "
+@click.option("--runtime", type=click.Choice(["auto", "onnx", "torch"]), default="auto", show_default=True,
+              help="Where the image tower runs. auto: ONNX Runtime (exported and checked against torch once per "
+                   "model, the same vectors, faster on CPU), or PyTorch with a warning for a model that does "
+                   "not export; onnx: ONNX Runtime or an error; torch: always PyTorch.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Encode images with a dynamic int8 tower (in "
+              "ONNX Runtime, captions too): faster on CPU (most in ONNX Runtime), vectors move slightly "
               "(see benchmarks/README.md).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")

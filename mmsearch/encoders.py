@@ -68,7 +68,7 @@ class Encoder:
         self.tokenizer = tokenizer
         self.ref = ref
         self.dim = int(_embed_dim(model))
-        self.image_tower = None  # an imageonnx.OnnxImageTower when loaded with runtime="onnx"
+        self.image_tower = None  # an imageonnx.OnnxImageTower when loaded with runtime "onnx" (or "auto")
         self.caption_encoder = None  # textonnx's int8 caption tower with runtime="onnx", quantize="int8"
         self._shortcut: tuple | None = None  # (the visual tower it was checked on, its forward or None)
         size = model.visual.image_size
@@ -225,10 +225,12 @@ def load_encoder(name: str, pretrained: str | None = None, quantize: str | None 
     """Load a model for encoding; raise ModelLoadError with the reason instead of guessing.
 
     runtime 'onnx' encodes images with the model's ONNX export run by onnxruntime (quantize 'int8':
-    its dynamic int8 variant). Once both towers of the model are exported, that is an
-    onnxencoder.OnnxEncoder, which never imports open_clip nor builds the torch model; before, the
-    torch model is loaded (its text tower encodes captions) and the image tower exported."""
-    from .imageonnx import RUNTIMES, image_tower
+    its dynamic int8 variant), and a failed export or check is an error. Once both towers of the
+    model are exported, that is an onnxencoder.OnnxEncoder, which never imports open_clip nor builds
+    the torch model; before, the torch model is loaded (its text tower encodes captions) and the
+    image tower exported. runtime 'auto' (ingest's default) is 'onnx' for every model that exports and
+    passes the check, and torch, with a warning, for one that does not (imageonnx.auto_image_tower)."""
+    from .imageonnx import RUNTIMES, auto_image_tower, image_tower
     from .pixels import fast_preprocess
 
     if runtime not in RUNTIMES:
@@ -237,24 +239,31 @@ def load_encoder(name: str, pretrained: str | None = None, quantize: str | None 
         raise ModelLoadError(f"unknown quantisation {quantize!r}; choose from {', '.join(QUANTIZE_MODES)}")
     set_torch_threads()
     ref = canonical_ref(name, pretrained)
-    if runtime == "onnx":
+    variant = quantize or "fp32"
+    if runtime != "torch":
         from .onnxencoder import load_onnx_encoder
 
-        if (cached := load_onnx_encoder(ref, quantize or "fp32")) is not None:
-            return cached
+        try:
+            if (cached := load_onnx_encoder(ref, variant)) is not None:
+                return cached
+        except Exception:  # a damaged cached export: auto_image_tower says so, then torch encodes
+            if runtime == "onnx":
+                raise
     import open_clip
 
     register_packaged_configs()
     model = create_model(ref)
-    if quantize and runtime == "torch":
-        model = quantize_model(model, quantize)
     preprocess = image_transform(model, is_train=False)
     preprocess = fast_preprocess(preprocess) or preprocess
     tokenizer = open_clip.get_tokenizer(resolve_model_name(ref.name))
     encoder = Encoder(model, preprocess, tokenizer, ref)
     if runtime == "onnx":
-        encoder.image_tower = image_tower(encoder, quantize or "fp32")
-    if runtime == "onnx" and quantize == "int8":
+        encoder.image_tower = image_tower(encoder, variant)
+    elif runtime == "auto":  # the export's check encodes with the fp32 torch model: quantise after it
+        encoder.image_tower = auto_image_tower(encoder, variant)
+    if quantize and encoder.image_tower is None:
+        encoder = Encoder(quantize_model(model, quantize), preprocess, tokenizer, ref)
+    if encoder.image_tower is not None and quantize == "int8":
         from .textonnx import export_caption_int8, load_fast_text_encoder_from
 
         captions = export_caption_int8(encoder)

@@ -4,11 +4,14 @@ The image tower is exported once per model (and variant) into the ONNX cache (on
 checked against torch on a probe batch before it is used: fp32 must agree within FP32_TOLERANCE;
 int8 (onnxruntime dynamic quantisation: int8 weights, activations quantised per batch, integer
 matmuls that use the CPU's VNNI/AMX units) must keep a mean cosine of INT8_MIN_COSINE with torch's
-vectors. A variant that fails its check is an error, not a silent fallback: the user asked for it.
+vectors. With `--runtime onnx` a variant that fails its export or check is an error: the user asked
+for it. With `--runtime auto` (ingest's default) the same failure is a warning and torch encodes the
+images; the failure is remembered in the cache, so later runs do not pay for the export again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -34,7 +37,7 @@ from .shortcut import class_token_forward
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("auto", "torch", "onnx")
 VARIANTS = ("fp32", "int8")
 # 2: the meta records the preprocessing (onnxencoder.py); 3: onnxcache.quantize_int8's int8;
 # 4: the last block for the class token alone (shortcut.py); 5: attention as one contrib operator
@@ -137,6 +140,58 @@ def image_tower(encoder, variant: str = "fp32") -> OnnxImageTower:
         except Exception as exc:
             raise ModelLoadError(f"cannot export the image tower of {encoder.ref.label()} to ONNX: {exc}") from exc
     return _tower(folder, variant)
+
+
+def auto_image_tower(encoder, variant: str = "fp32") -> OnnxImageTower | None:
+    """runtime 'auto': the verified ONNX image tower, or None (torch encodes) for a model that does not
+    export or fails its check. The failure is logged and recorded beside the export's folder, so the
+    next run of this model (same files, same onnxruntime) goes straight to torch."""
+    marker = unsupported_marker(encoder.ref, variant)
+    recorded = _read_marker(marker)
+    if recorded is not None:
+        log.info("encoding images with torch: %s (recorded in %s)", recorded, marker)
+        return None
+    try:
+        return image_tower(encoder, variant)
+    except ModelLoadError as exc:  # the model does not export, or its export fails the check
+        log.warning("%s; encoding images with torch instead", exc)
+        _write_marker(marker, str(exc))
+    except Exception as exc:  # a damaged cached export: not the model's fault, so not recorded
+        log.warning("cannot load the cached ONNX image tower of %s (%s); encoding images with torch instead",
+                    encoder.ref.label(), exc)
+    return None
+
+
+def unsupported_marker(ref, variant: str) -> Path:
+    folder = export_folder(ref, variant)
+    return folder.with_name(folder.name + ".unsupported.json")
+
+
+def _marker_key() -> dict:
+    import onnxruntime
+
+    return {"format": EXPORT_FORMAT, "onnxruntime": onnxruntime.__version__}
+
+
+def _read_marker(marker: Path) -> str | None:
+    """The recorded reason, when it was recorded by this export format and onnxruntime version."""
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict) or any(recorded.get(k) != v for k, v in _marker_key().items()):
+        return None
+    return str(recorded.get("reason"))
+
+
+def _write_marker(marker: Path, reason: str) -> None:
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        staging = marker.with_name(f".{marker.name}.{os.getpid()}")
+        staging.write_text(json.dumps({**_marker_key(), "reason": reason}), encoding="utf-8")
+        os.replace(staging, marker)
+    except OSError as exc:  # a read-only cache: the next run tries the export again
+        log.info("cannot record the failed ONNX export in %s: %s", marker, exc)
 
 
 def _export(encoder, variant: str, staging: Path) -> dict:

@@ -55,7 +55,9 @@ class IngestOptions:
     max_memory: int = DEFAULT_MAX_MEMORY
     wait_for_lock: bool = False
     quantize: str | None = None  # 'int8': dynamic int8 image tower (CPU speed option; vectors move slightly)
-    runtime: str = "torch"  # 'onnx': the image tower runs in onnxruntime (exported once per model)
+    # 'auto': the image tower runs in onnxruntime (exported and checked once per model) where the model
+    # exports, else in torch; 'onnx': onnxruntime or an error; 'torch': always torch
+    runtime: str = "auto"
 
 
 @dataclass

@@ -132,8 +132,107 @@ def test_int8_that_drifts_too_far_is_refused(tiny_encoder, tmp_path, monkeypatch
 
 
 def test_unknown_runtime_is_a_clear_error(tiny_checkpoint):
-    with pytest.raises(ModelLoadError, match="unknown runtime 'tensorrt'; choose from torch, onnx"):
+    with pytest.raises(ModelLoadError, match="unknown runtime 'tensorrt'; choose from auto, torch, onnx"):
         load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="tensorrt")
+
+
+def test_auto_runtime_encodes_with_the_checked_onnx_tower(tiny_checkpoint, pixels, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    torch_encoder = load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="torch")
+    auto = load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="auto")
+    assert torch_encoder.image_tower is None and auto.image_tower is not None
+    np.testing.assert_allclose(auto.encode_pixels(pixels), torch_encoder.encode_pixels(pixels),
+                               atol=imageonnx.FP32_TOLERANCE)
+    assert [p.name for p in (tmp_path / "cache" / "image-onnx").iterdir()] == [
+        imageonnx.export_folder(auto.ref, "fp32").name]
+
+
+def _failing_export(calls: list):
+    def export(encoder, variant, staging):
+        calls.append(variant)
+        raise ModelLoadError(f"ONNX image tower of {encoder.ref.label()} differs from torch by 0.5")
+    return export
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_auto_runtime_falls_back_to_torch_with_a_warning_and_remembers_it(tiny_checkpoint, pixels, tmp_path,
+                                                                        monkeypatch, caplog, quantize):
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(imageonnx, "_export", _failing_export(calls))
+    with caplog.at_level("INFO", logger="mmsearch"):
+        encoder = load_encoder("mmsearch-tiny", str(tiny_checkpoint), quantize, runtime="auto")
+    assert encoder.image_tower is None and calls == [quantize or "fp32"]
+    warning = f"ONNX image tower of mmsearch-tiny:{tiny_checkpoint} differs from torch by 0.5; encoding " \
+              "images with torch instead"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [warning]
+    quantised = any("quantized" in type(m).__module__ for m in encoder.model.visual.modules())
+    assert quantised is (quantize == "int8")  # torch's own int8 tower takes over
+    assert encoder.encode_pixels(pixels).shape == (len(pixels), encoder.dim)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mmsearch"):
+        again = load_encoder("mmsearch-tiny", str(tiny_checkpoint), quantize, runtime="auto")
+    assert again.image_tower is None and len(calls) == 1  # the recorded failure: no second export
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    with pytest.raises(ModelLoadError, match="differs from torch by 0.5"):  # asked for explicitly: an error
+        load_encoder("mmsearch-tiny", str(tiny_checkpoint), quantize, runtime="onnx")
+
+
+def test_a_failure_recorded_by_another_onnxruntime_is_tried_again(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(imageonnx, "_export", _failing_export(calls))
+    encoder = load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="auto")
+    marker = imageonnx.unsupported_marker(encoder.ref, "fp32")
+    recorded = json.loads(marker.read_text())
+    assert recorded["reason"].endswith("differs from torch by 0.5")
+    marker.write_text(json.dumps({**recorded, "onnxruntime": "0.0.1"}))
+    monkeypatch.undo()
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    assert load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="auto").image_tower is not None
+
+
+def test_auto_runtime_survives_a_damaged_cached_export_without_recording_it(tiny_checkpoint, tmp_path,
+                                                                           monkeypatch, caplog):
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    encoder = load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="auto")
+    (imageonnx.export_folder(encoder.ref, "fp32") / imageonnx.MODEL_FILE).write_bytes(b"not a graph")
+    with caplog.at_level("WARNING", logger="mmsearch"):
+        damaged = load_encoder("mmsearch-tiny", str(tiny_checkpoint), runtime="auto")
+    assert damaged.image_tower is None
+    assert "cannot load the cached ONNX image tower of mmsearch-tiny" in caplog.text
+    assert not imageonnx.unsupported_marker(encoder.ref, "fp32").exists()
+
+
+def test_cli_index_runs_the_onnx_tower_by_default_and_torch_when_asked(tmp_path, catalog_dir, tiny_checkpoint,
+                                                                         monkeypatch):
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    used = []
+    real = ingest_module.load_encoder
+    monkeypatch.setattr(ingest_module, "load_encoder",
+                        lambda *args: used.append(args[3]) or real(*args))
+    base = ["index", str(catalog_dir / "catalog.csv"), "--model", "mmsearch-tiny", "--pretrained",
+            str(tiny_checkpoint), "-q", "--format", "json"]
+    for name, extra in (("default", []), ("torch", ["--runtime", "torch"])):
+        result = CliRunner().invoke(cli, [*base, "--index", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["added"] == 9
+    assert used == ["auto", "torch"]
+    exports = list((tmp_path / "cache" / "image-onnx").iterdir())
+    assert len(exports) == 1  # the default run exported the image tower; the torch run did not
+    vectors = {name: _image_vectors_by_key(tmp_path / name) for name in ("default", "torch")}
+    assert len(vectors["default"]) == 8 and vectors["default"].keys() == vectors["torch"].keys()
+    for key, vector in vectors["default"].items():
+        np.testing.assert_allclose(vector, vectors["torch"][key], atol=imageonnx.FP32_TOLERANCE)
+
+
+def _image_vectors_by_key(index_dir: Path) -> dict[str, np.ndarray]:
+    collection = Collection.open(index_dir)
+    try:
+        ids = {item_id: key for key, (item_id, *_rest) in collection.store.fingerprints().items()}
+        return {ids[i]: v for i, v in collection.store.vectors(list(ids), "image", collection.dim).items()}
+    finally:
+        collection.close()
 
 
 @pytest.mark.slow
