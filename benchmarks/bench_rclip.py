@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--big-index-type", default="ivfpq", help="mmsearch index type at N >= 1M (build time)")
     parser.add_argument("--skip-indexing", action="store_true")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--name", help="result file name in benchmarks/results (default: by what was run)")
     args = parser.parse_args()
     rclip_bin = args.rclip_venv / "bin" / "rclip"
     if not rclip_bin.exists():
@@ -259,7 +260,7 @@ def main() -> None:
                                [[r["n"], f"{r['rclip_cold_query_s']:.2f}", f"{r['mmsearch_cold_query_s']:.2f}",
                                  r["mmsearch_index_type"], f"{r['mmsearch_over_rclip']:.3f}"]
                                 for r in result["cold_query"]]))
-    name = "bench_rclip_quick" if args.quick else "bench_rclip" if sizes else "bench_rclip_indexing"
+    name = args.name or ("bench_rclip_quick" if args.quick else "bench_rclip" if sizes else "bench_rclip_indexing")
     write_results(name, result, "\n".join(lines))
 
 
