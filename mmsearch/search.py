@@ -28,6 +28,7 @@ from .textonnx import FastTextEncoder, load_fast_text_encoder
 
 if TYPE_CHECKING:
     from .encoders import Encoder
+    from .imagequery import ImageQueryEncoder
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ class Searcher:
         self._encoder = encoder
         # the encoder for words; False: the ONNX export not looked up yet, None: there is none
         self._words: Encoder | FastTextEncoder | None | bool = text_encoder or encoder or False
+        # the encoder for pictures; False: the cached ONNX image tower not looked up yet
+        self._pictures: Encoder | ImageQueryEncoder | None | bool = encoder or False
         self._null_cache: dict = {}
 
     @property
@@ -184,6 +187,17 @@ class Searcher:
         if self._words is False:
             self._words = load_fast_text_encoder(self.manifest.model, self.manifest.dim)
         return self._words or self.encoder
+
+    @property
+    def image_encoder(self) -> Encoder | ImageQueryEncoder:
+        """For pictures: the encoder the caller passed in, else the model's cached ONNX image tower
+        (imagequery.py: what `index` exported; no torch import, a cold image query in about the time
+        of a text one), else the torch encoder."""
+        if self._pictures is False:
+            from .imagequery import load_image_query_encoder
+
+            self._pictures = load_image_query_encoder(self.manifest.model, self.manifest.dim)
+        return self._pictures or self.encoder
 
     def close(self) -> None:
         self.collection.close()
@@ -231,10 +245,10 @@ class Searcher:
                 encoded[id(part)] = vec
         if images:
             try:
-                pictures = [load_image(p.value, min_side=self.encoder.input_side) for p in images]
+                pictures = [load_image(p.value, min_side=self.image_encoder.input_side) for p in images]
             except ItemError as exc:
                 raise QueryError(f"query image {exc.item}: {exc.reason}") from exc
-            for part, vec in zip(images, self.encoder.encode_images(pictures)):
+            for part, vec in zip(images, self.image_encoder.encode_images(pictures)):
                 encoded[id(part)] = vec
         vectors = np.stack([encoded[id(p)] for p in parts]).astype(np.float32)
         return vectors, np.array([p.weight for p in parts], dtype=np.float64)
