@@ -108,7 +108,7 @@ def index_cmd(catalog, index_name, model, pretrained, batch_size, workers, delet
     \b
     mmsearch index catalog.csv --index shop
     mmsearch index photos/ --index photos --model ViT-B-32 --pretrained ./vit-b-32.safetensors
-    mmsearch index catalog.csv --index shop --runtime onnx --quantize int8
+    mmsearch index catalog.csv --index shop --quantize int8
     """
     from .ingest import IngestOptions, ingest
 

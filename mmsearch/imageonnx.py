@@ -1,4 +1,4 @@
-"""ONNX Runtime image encoding for ingest: `mmsearch index --runtime onnx [--quantize int8]`.
+"""ONNX Runtime image encoding for ingest: `mmsearch index [--runtime auto|onnx] [--quantize int8]`.
 
 The image tower is exported once per model (and variant) into the ONNX cache (onnxcache.py) and
 checked against torch on a probe batch before it is used: fp32 must agree within FP32_TOLERANCE;
@@ -114,7 +114,7 @@ def export_folder(ref, variant: str) -> Path:
 
 def cached_image_tower(ref, variant: str) -> tuple[OnnxImageTower, dict] | None:
     """(tower, its export's meta) when this model's variant is already exported, else None. Imports
-    neither torch nor open_clip: `mmsearch index --runtime onnx` starts from it (onnxencoder.py)."""
+    neither torch nor open_clip: `mmsearch index` (runtime auto or onnx) starts from it (onnxencoder.py)."""
     folder = export_folder(ref, variant)
     meta = read_meta(folder)
     if meta is None or meta.get("format") != EXPORT_FORMAT:
@@ -168,9 +168,13 @@ def unsupported_marker(ref, variant: str) -> Path:
 
 
 def _marker_key() -> dict:
-    import onnxruntime
+    try:
+        import onnxruntime
 
-    return {"format": EXPORT_FORMAT, "onnxruntime": onnxruntime.__version__}
+        version = onnxruntime.__version__
+    except ImportError:  # recorded as such: installing onnxruntime later makes the next run try again
+        version = None
+    return {"format": EXPORT_FORMAT, "onnxruntime": version}
 
 
 def _read_marker(marker: Path) -> str | None:

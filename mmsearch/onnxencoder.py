@@ -1,4 +1,4 @@
-"""`mmsearch index --runtime onnx` without open_clip: an encoder built from the ONNX cache alone.
+"""`mmsearch index` in ONNX Runtime (the default runtime) without open_clip: an encoder built from the ONNX cache alone.
 
 Loading the torch encoder means importing open_clip (which pulls in torchvision and torch._dynamo)
 and building the model: seconds before the first photo is read, paid again by every incremental

@@ -296,7 +296,7 @@ def _export(encoder, tokenizer: ClipTokenizer, staging: Path) -> dict | None:
 
 
 def export_caption_int8(encoder) -> Path | None:
-    """The int8 caption tower of encoder's model (`mmsearch index --runtime onnx --quantize int8`),
+    """The int8 caption tower of encoder's model (`mmsearch index --quantize int8` in ONNX Runtime),
     exported on first use: the trimmed text graph with ONNX Runtime's dynamic int8 quantisation
     (ViT-B-32, 12-token captions on one thread: 1.8 ms per caption against 7.1 in fp32). Queries keep
     the fp32 tower. None when the model's text tower cannot be exported this way or drifts from torch
