@@ -155,15 +155,17 @@ class Searcher:
     """Opens an index once; `search` can then be called many times (the model loads lazily)."""
 
     def __init__(self, index_dir: Path, encoder: Encoder | None = None,
-                 text_encoder: Encoder | FastTextEncoder | None = None):
-        """encoder: the model for pictures, and for words too unless text_encoder is given; with
-        neither, words go to the model's ONNX text export when there is one (see text_encoder)."""
+                 text_encoder: Encoder | FastTextEncoder | None = None,
+                 image_encoder: Encoder | ImageQueryEncoder | None = None):
+        """encoder: the model for pictures and words, unless image_encoder / text_encoder is given;
+        without it, words and pictures go to the model's ONNX exports when there are some (see
+        text_encoder and image_encoder), else to the torch model, loaded when first needed."""
         self.collection = Collection.open(index_dir)
         self._encoder = encoder
         # the encoder for words; False: the ONNX export not looked up yet, None: there is none
         self._words: Encoder | FastTextEncoder | None | bool = text_encoder or encoder or False
         # the encoder for pictures; False: the cached ONNX image tower not looked up yet
-        self._pictures: Encoder | ImageQueryEncoder | None | bool = encoder or False
+        self._pictures: Encoder | ImageQueryEncoder | None | bool = image_encoder or encoder or False
         self._null_cache: dict = {}
 
     @property

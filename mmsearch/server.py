@@ -104,8 +104,9 @@ def _check_pixels(width: int, height: int) -> None:
 class ServerSearcher(Searcher):
     """A Searcher whose query images come from the request (uploads) or from the index, never from a path."""
 
-    def __init__(self, index_dir: Path, encoder: Encoder | None, encode_lock: threading.Lock, text_encoder=None):
-        super().__init__(index_dir, encoder, text_encoder)
+    def __init__(self, index_dir: Path, encoder: Encoder | None, encode_lock: threading.Lock, text_encoder=None,
+                 image_encoder=None):
+        super().__init__(index_dir, encoder, text_encoder, image_encoder)
         self.encode_lock = encode_lock
         for modality in MODALITIES:  # load FAISS now rather than racing to load it in concurrent requests
             self.collection.vector_index(modality)
@@ -122,7 +123,7 @@ class ServerSearcher(Searcher):
                 return self.text_encoder.encode_texts([part.value])[0]
         if isinstance(part, UploadPart) and part.picture is not None:
             with self.encode_lock:
-                return self.encoder.encode_images([part.picture])[0]
+                return self.image_encoder.encode_images([part.picture])[0]
         if part.value.startswith(ITEM_PREFIX):
             return self.item_vector(part.value[len(ITEM_PREFIX):])
         raise QueryError("a query image must be an upload (multipart field 'image') or an indexed item 'item:ID'")
@@ -161,8 +162,11 @@ class IndexHolder:
         self._swap_lock = threading.Lock()
         self._stamp = _stamp(self.index_dir)
         self._searcher = ServerSearcher(self.index_dir, encoder, self._encode_lock)
-        self.encoder = self._searcher.encoder  # load the model at start-up, not in the first request
-        self.text_encoder = self._searcher.text_encoder  # the ONNX text export unless given an encoder
+        self.encoder = encoder  # the caller's, else None: a re-opened Searcher gets the two below
+        # Loaded at start-up, not in the first request: the ONNX exports unless given an encoder, the torch
+        # model where one is missing (a server on exported towers never builds it: less memory, faster start)
+        self.image_encoder = self._searcher.image_encoder
+        self.text_encoder = self._searcher.text_encoder
 
     def current(self) -> ServerSearcher:
         stamp = _stamp(self.index_dir)  # two stat() calls: cheap enough for every request
@@ -177,7 +181,8 @@ class IndexHolder:
 
     def _reopen(self, stamp: tuple) -> None:
         try:
-            fresh = ServerSearcher(self.index_dir, self.encoder, self._encode_lock, self.text_encoder)
+            fresh = ServerSearcher(self.index_dir, self.encoder, self._encode_lock, self.text_encoder,
+                                   self.image_encoder)
         except MMSearchError as exc:  # caught mid-rewrite: keep serving the old snapshot, retry next request
             log.warning("cannot re-open index %s yet: %s", self.index_dir, exc)
             return

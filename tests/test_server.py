@@ -279,15 +279,38 @@ def test_index_reopened_after_ingest(built, tiny_encoder, tmp_path):
     with TestClient(app) as live:
         before = ok(live.get("/api/search", params={"q": "scarf", "k": 50}))
         assert len(before["results"]) == 10
-        words = app.state.index.current().text_encoder
+        words, pictures = app.state.index.current().text_encoder, app.state.index.current().image_encoder
         assert isinstance(words, FastTextEncoder) and app.state.index.current().encoder is not words
         catalog = write_catalog(tmp_path / "catalog", PRODUCTS + [("hat", "clothing", "purple", 30)])
         ingest(catalog, index_dir, IngestOptions(workers=1), encoder=tiny_encoder)
         after = ok(live.get("/api/search", params={"q": "scarf", "k": 50}))
         assert "hat-purple" in {h["id"] for h in after["results"]} and len(after["results"]) == 11
         assert app.state.index.current().text_encoder is words  # the re-opened index shares both encoders
+        assert app.state.index.current().image_encoder is pictures
         assert ok(live.get("/api/info"))["items"] == 11
         assert ok(live.get("/api/similar/hat-purple", params={"k": 1}))["results"]
+
+
+def test_a_server_on_exported_towers_never_builds_the_torch_model(tmp_path, tiny_checkpoint, monkeypatch):
+    from mmsearch.imagequery import ImageQueryEncoder
+
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    catalog = write_catalog(tmp_path / "catalog")
+    ingest(catalog, tmp_path / "index", IngestOptions(model="mmsearch-tiny", pretrained=str(tiny_checkpoint),
+                                                      workers=1))  # the default runtime exports both towers
+    monkeypatch.setattr("mmsearch.encoders.load_encoder", _refused)
+    app = create_app(tmp_path / "index")
+    with TestClient(app) as live:
+        searcher = app.state.index.current()
+        assert isinstance(searcher.image_encoder, ImageQueryEncoder)
+        assert isinstance(searcher.text_encoder, FastTextEncoder)
+        files = {"image": ("q.png", png_bytes(tmp_path / "catalog" / "images" / "bag-yellow.png"), "image/png")}
+        data = ok(live.post("/api/search", files=files, data={"k": "3", "text": "yellow bag"}))
+        assert data["results"][0]["id"] == "bag-yellow"
+
+
+def _refused(*args, **kwargs):
+    raise AssertionError("the torch model was loaded")
 
 
 # -- the serve command ----------------------------------------------------------------------------------
