@@ -127,6 +127,8 @@ def index_cmd(catalog, index_name, model, pretrained, batch_size, workers, delet
                f"unchanged {report.unchanged}, failed {len(report.failed)}")
     if report.index_updated:
         click.echo(f"FAISS files updated in place, not rebuilt: {', '.join(report.index_updated)}")
+    if report.images_encoded:
+        click.echo(f"images encoded: {report.images_encoded} ({report.image_runtime})")
     for err in report.failed:
         click.echo(f"  skipped {err.item}: {err.reason}", err=True)
 

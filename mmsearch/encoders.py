@@ -70,6 +70,7 @@ class Encoder:
         self.dim = int(_embed_dim(model))
         self.image_tower = None  # an imageonnx.OnnxImageTower when loaded with runtime "onnx" (or "auto")
         self.caption_encoder = None  # textonnx's int8 caption tower with runtime="onnx", quantize="int8"
+        self.quantized = False  # True once load_encoder has made the torch image tower dynamic int8
         self._shortcut: tuple | None = None  # (the visual tower it was checked on, its forward or None)
         size = model.visual.image_size
         self.input_side = int(min(size) if isinstance(size, (tuple, list)) else size)  # decode images to >= this
@@ -263,6 +264,7 @@ def load_encoder(name: str, pretrained: str | None = None, quantize: str | None 
         encoder.image_tower = auto_image_tower(encoder, variant)
     if quantize and encoder.image_tower is None:
         encoder = Encoder(quantize_model(model, quantize), preprocess, tokenizer, ref)
+        encoder.quantized = True
     if encoder.image_tower is not None and quantize == "int8":
         from .textonnx import export_caption_int8, load_fast_text_encoder_from
 

@@ -68,10 +68,13 @@ class IngestReport:
     unchanged: int = 0
     failed: list[ItemError] = field(default_factory=list)
     index_updated: list[str] = field(default_factory=list)  # FAISS indexes updated in place, not rebuilt
+    images_encoded: int = 0  # image vectors written by this run
+    image_runtime: str | None = None  # what encodes the images: "onnxruntime fp32", "torch int8", ...
 
     def to_dict(self) -> dict:
         return {"added": self.added, "updated": self.updated, "removed": self.removed,
                 "unchanged": self.unchanged, "index_updated_in_place": self.index_updated,
+                "images_encoded": self.images_encoded, "image_runtime": self.image_runtime,
                 "failed": [{"item": e.item, "reason": e.reason} for e in self.failed]}
 
 
@@ -97,11 +100,20 @@ def ingest(catalog: str | Path, index_dir: Path, options: IngestOptions | None =
             # an existing index's model loads under the lock: a second writer is refused at once,
             # not after loading a model it cannot use (seconds, in which the first writer may finish)
             encoder = encoder or _index_encoder(collection, options)
+            report.image_runtime = image_runtime(encoder)
             with _long_lived_frozen():  # after the model loads: its objects are frozen out of the GC too
                 _run(collection, encoder, parsed.items, options, report, progress)
     finally:
         collection.close()
     return report
+
+
+def image_runtime(encoder) -> str:
+    """Which runtime and weights encode images: what `--runtime auto` chose, for the report."""
+    tower = getattr(encoder, "image_tower", None)
+    if tower is not None:
+        return f"onnxruntime {tower.variant}"
+    return "torch int8" if getattr(encoder, "quantized", False) else "torch fp32"
 
 
 @contextmanager
@@ -287,6 +299,7 @@ def _commit(collection, records: list[ItemRecord], batch: list[_Work], report: I
     for record in records:  # only once committed: a failed batch changed nothing
         for modality, vector in record.vectors.items():
             changes.replace(ids[record.key], modality, vector is not None)
+        report.images_encoded += record.vectors.get("image") is not None
     for w in batch:
         if w.is_new:
             report.added += 1

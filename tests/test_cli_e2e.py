@@ -45,6 +45,7 @@ def test_index_reports_counts_and_bad_items(index):
     _, report = index
     assert report["added"] == 9  # 8 products + 1 caption-only row
     assert report["updated"] == report["removed"] == report["unchanged"] == 0
+    assert report["images_encoded"] == 8 and report["image_runtime"] == "onnxruntime fp32"  # the default runtime
     reasons = {f["item"]: f["reason"] for f in report["failed"]}
     assert set(reasons) == {"notes", "truncated"}
     assert "not an image" in reasons["notes"]
@@ -144,8 +145,12 @@ def test_index_says_when_it_updated_the_faiss_files_in_place(index, catalog_dir)
     csv = catalog_dir / "catalog.csv"
     csv.write_text(csv.read_text() + "sock-2,,a pair of cotton socks,Socks,4,white\n")
     lines = run("index", csv, "--index", path, "-q").stdout.splitlines()
-    assert lines[0] == "added 1, updated 0, removed 0, unchanged 9, failed 2"
-    assert lines[1] == "FAISS files updated in place, not rebuilt: image, text"
+    assert lines == ["added 1, updated 0, removed 0, unchanged 9, failed 2",  # a caption: no image line
+                     "FAISS files updated in place, not rebuilt: image, text"]
+    (catalog_dir / "images/boot-red.jpg").write_bytes((catalog_dir / "images/boot-blue.jpg").read_bytes())
+    lines = run("index", csv, "--index", path, "-q").stdout.splitlines()
+    assert lines[0] == "added 0, updated 1, removed 0, unchanged 9, failed 2"
+    assert lines[-1] == "images encoded: 1 (onnxruntime fp32)"
     assert len(run("index", csv, "--index", path, "-q").stdout.splitlines()) == 1  # nothing written
 
 

@@ -168,6 +168,7 @@ def test_auto_runtime_falls_back_to_torch_with_a_warning_and_remembers_it(tiny_c
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [warning]
     quantised = any("quantized" in type(m).__module__ for m in encoder.model.visual.modules())
     assert quantised is (quantize == "int8")  # torch's own int8 tower takes over
+    assert ingest_module.image_runtime(encoder) == ("torch int8" if quantize else "torch fp32")
     assert encoder.encode_pixels(pixels).shape == (len(pixels), encoder.dim)
     caplog.clear()
     with caplog.at_level("INFO", logger="mmsearch"):
@@ -213,10 +214,11 @@ def test_cli_index_runs_the_onnx_tower_by_default_and_torch_when_asked(tmp_path,
                         lambda *args: used.append(args[3]) or real(*args))
     base = ["index", str(catalog_dir / "catalog.csv"), "--model", "mmsearch-tiny", "--pretrained",
             str(tiny_checkpoint), "-q", "--format", "json"]
-    for name, extra in (("default", []), ("torch", ["--runtime", "torch"])):
+    for name, extra, runtime in (("default", [], "onnxruntime fp32"), ("torch", ["--runtime", "torch"], "torch fp32")):
         result = CliRunner().invoke(cli, [*base, "--index", str(tmp_path / name), *extra])
         assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout)["added"] == 9
+        report = json.loads(result.stdout)
+        assert report["added"] == 9 and report["image_runtime"] == runtime
     assert used == ["auto", "torch"]
     exports = list((tmp_path / "cache" / "image-onnx").iterdir())
     assert len(exports) == 1  # the default run exported the image tower; the torch run did not
@@ -245,7 +247,7 @@ def test_cli_index_with_onnx_int8_finds_each_image(tmp_path, catalog_dir):
                                       "mmsearch-fashion", "--runtime", "onnx", "--quantize", "int8", "-q",
                                       "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["added"] == 9
+    assert json.loads(result.stdout)["added"] == 9 and json.loads(result.stdout)["image_runtime"] == "onnxruntime int8"
     for key in PRODUCTS:
         image = next((catalog_dir / "images").glob(f"{key}.*"))
         out = CliRunner().invoke(cli, ["search", "--image", str(image), "--index", str(path), "--format", "json"])
