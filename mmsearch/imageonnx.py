@@ -112,18 +112,19 @@ def export_folder(ref, variant: str) -> Path:
     return cache_root("image-onnx") / model_key(ref, "image", EXPORT_FORMAT, variant, *flavour)
 
 
-def cached_image_tower(ref, variant: str) -> tuple[OnnxImageTower, dict] | None:
+def cached_image_tower(ref, variant: str, one_stream: bool = False) -> tuple[OnnxImageTower, dict] | None:
     """(tower, its export's meta) when this model's variant is already exported, else None. Imports
-    neither torch nor open_clip: `mmsearch index` (runtime auto or onnx) starts from it (onnxencoder.py)."""
+    neither torch nor open_clip: `mmsearch index` (runtime auto or onnx) starts from it (onnxencoder.py).
+    one_stream: every core on one run (a query's picture), not ingest's streams."""
     folder = export_folder(ref, variant)
     meta = read_meta(folder)
     if meta is None or meta.get("format") != EXPORT_FORMAT:
         return None
-    return _tower(folder, variant), meta
+    return _tower(folder, variant, one_stream), meta
 
 
-def _tower(folder: Path, variant: str) -> OnnxImageTower:
-    streams, threads = stream_layout()
+def _tower(folder: Path, variant: str, one_stream: bool = False) -> OnnxImageTower:
+    streams, threads = (1, None) if one_stream else stream_layout()  # None: one thread per core
     return OnnxImageTower(ort_session(folder / MODEL_FILE, threads=threads), variant, streams)
 
 

@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from .config import ModelRef
-from .imageonnx import EXPORT_FORMAT, MODEL_FILE, OnnxImageTower, export_folder
-from .onnxcache import ort_session, read_meta
+from .imageonnx import OnnxImageTower, cached_image_tower, export_folder
+from .images import centre_crop_origin, shorter_side_size
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +40,11 @@ class PilPreprocess:
         self.shift = np.asarray(config["mean"], dtype=np.float32).reshape(3, 1, 1) / std
 
     def __call__(self, img: Image.Image) -> np.ndarray:
-        img = img.convert("RGB")
-        width, height = img.size
-        if width <= height:  # torchvision's Resize(int): shorter side -> size, longer side truncated
-            size = (self.shorter_side, int(self.shorter_side * height / width))
-        else:
-            size = (int(self.shorter_side * width / height), self.shorter_side)
-        if size != img.size:
-            img = img.resize(size, self.resample)
-        top = int(round((size[1] - self.crop_h) / 2.0))
-        left = int(round((size[0] - self.crop_w) / 2.0))
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        height, width = shorter_side_size(img.height, img.width, self.shorter_side)
+        if (width, height) != img.size:
+            img = img.resize((width, height), self.resample)
+        top, left = centre_crop_origin(height, width, self.crop_h, self.crop_w)
         pixels = np.asarray(img.crop((left, top, left + self.crop_w, top + self.crop_h)), dtype=np.float32)
         return pixels.transpose(2, 0, 1) * self.scale - self.shift
 
@@ -70,16 +65,17 @@ class ImageQueryEncoder:
 def load_image_query_encoder(ref: ModelRef, dim: int) -> ImageQueryEncoder | None:
     """The encoder for query pictures from the model's cached fp32 ONNX export, or None when there is
     no usable one (the caller loads the torch encoder). A damaged export is logged, not raised."""
-    folder = export_folder(ref, "fp32")
-    meta = read_meta(folder) or {}
-    config = meta.get("preprocess")
-    if meta.get("format") != EXPORT_FORMAT or meta.get("dim") != dim or not config or config.get("crop") is None:
-        return None
     try:
-        preprocess = PilPreprocess(config)
-        tower = OnnxImageTower(ort_session(folder / MODEL_FILE), "fp32")  # one picture: every core on it
+        cached = cached_image_tower(ref, "fp32", one_stream=True)
+        if cached is None:
+            return None
+        tower, meta = cached
+        if meta.get("dim") != dim or not meta.get("preprocess"):  # FastPreprocess had no config: torch pads
+            return None
+        preprocess = PilPreprocess(meta["preprocess"])
     except Exception as exc:  # a damaged cache or an unknown resize mode must never break a search
-        log.warning("cannot use the cached ONNX image tower in %s (%s); loading the torch model", folder, exc)
+        log.warning("cannot use the cached ONNX image tower in %s (%s); loading the torch model",
+                    export_folder(ref, "fp32"), exc)
         return None
     log.info("query pictures go to the cached ONNX image tower of %s", ref.label())
     return ImageQueryEncoder(ref, dim, int(meta["input_side"]), preprocess, tower)

@@ -219,3 +219,17 @@ def _aspect_box(width: int, height: int) -> tuple[int, int, int, int] | None:
     keep = MAX_ASPECT * width
     top = (height - keep) // 2
     return 0, top, width, top + keep
+
+
+# open_clip's eval transform's geometry (torchvision Resize(int) then CenterCrop): shared by ingest's
+# torch resize (pixels.py) and the torch-free query path (imagequery.py), so both crop the same pixels.
+def shorter_side_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """torchvision's Resize(int) output (height, width): shorter side -> side, longer side truncated."""
+    if width <= height:
+        return int(side * height / width), side
+    return side, int(side * width / height)
+
+
+def centre_crop_origin(height: int, width: int, crop_h: int, crop_w: int) -> tuple[int, int]:
+    """torchvision's CenterCrop (top, left) for a crop no larger than the image."""
+    return int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .images import centre_crop_origin, shorter_side_size
+
 _MODES = ("bicubic", "bilinear")  # torchvision InterpolationMode values F.interpolate also takes
 
 
@@ -76,13 +78,13 @@ class FastPreprocess:
         hwc = torch.from_numpy(_rgb_array(img))
         chw = hwc.permute(2, 0, 1).unsqueeze(0)  # a channels-last view: the layout the uint8 kernels want
         height, width = chw.shape[-2:]
-        new_h, new_w = _shorter_side_size(height, width, self.shorter_side)
+        new_h, new_w = shorter_side_size(height, width, self.shorter_side)
         if (new_h, new_w) != (height, width):
             chw = F.interpolate(chw, size=(new_h, new_w), mode=self.mode, antialias=True)
         crop_h, crop_w = self.crop
         if new_h < crop_h or new_w < crop_w:
             return None
-        top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+        top, left = centre_crop_origin(new_h, new_w, crop_h, crop_w)
         return chw[0, :, top : top + crop_h, left : left + crop_w].contiguous()
 
 
@@ -96,13 +98,6 @@ def _rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.array(img, dtype=np.uint8)  # writable copy: torch wants it
-
-
-def _shorter_side_size(height: int, width: int, side: int) -> tuple[int, int]:
-    """torchvision's Resize(int) output size: shorter side -> side, longer side truncated."""
-    if width <= height:
-        return int(side * height / width), side
-    return side, int(side * width / height)
 
 
 def fast_preprocess(transform):
